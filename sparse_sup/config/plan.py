@@ -1,0 +1,78 @@
+"""Turn epoch-based settings into optimizer-step counts, once, when the data size is known."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schema import Config
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    """Every schedule position in optimizer steps. Phase 1 is [0, pre_steps); cycle m is
+    [pre_steps + m * cycle_steps, pre_steps + (m + 1) * cycle_steps)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    num_cycles: int
+    cycle_steps: int
+    warmup_steps: int
+    lr_milestones: tuple[int, ...]
+    prune_start: int
+    prune_end: int
+
+    @property
+    def pre_steps(self) -> int:
+        return self.total_steps - self.num_cycles * self.cycle_steps
+
+    @property
+    def cycles_fraction(self) -> float:
+        return self.num_cycles * self.cycle_steps / self.total_steps
+
+    def describe(self) -> str:
+        return (
+            f"{self.total_steps} steps ({self.steps_per_epoch}/epoch): phase 1 {self.pre_steps} steps "
+            f"({100 * (1 - self.cycles_fraction):.0f}%), {self.num_cycles} cycles x {self.cycle_steps} "
+            f"steps ({100 * self.cycles_fraction:.0f}% of the budget)"
+        )
+
+
+def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
+    """Raises ``ValueError`` naming the keys when the budget cannot hold the requested phases."""
+    batch = config.schedule.batch_size
+    steps_per_epoch = num_train_samples // batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"schedule.batch_size={batch} is larger than the training set ({num_train_samples} samples)"
+        )
+    total = round(config.schedule.epochs * steps_per_epoch)
+    t = config.tickets
+    if t.num_cycles == 0:
+        cycle_steps = 0
+    elif t.cycle_epochs is not None:
+        cycle_steps = round(t.cycle_epochs * steps_per_epoch)
+    else:
+        cycle_steps = round(t.cycles_fraction * total / t.num_cycles)
+    if t.num_cycles and cycle_steps < 2:
+        raise ValueError(
+            f"tickets: a cycle of {cycle_steps} optimizer steps is too short (need >= 2); "
+            "raise tickets.cycle_epochs / tickets.cycles_fraction or schedule.epochs"
+        )
+    if t.num_cycles * cycle_steps >= total:
+        raise ValueError(
+            f"tickets.num_cycles={t.num_cycles} x {cycle_steps} steps per cycle do not fit in "
+            f"schedule.epochs={config.schedule.epochs} ({total} steps): phase 1 would have no steps; "
+            "use fewer or shorter cycles, or more epochs"
+        )
+    pre = total - t.num_cycles * cycle_steps
+    s = config.sparse
+    return StepPlan(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        num_cycles=t.num_cycles,
+        cycle_steps=cycle_steps,
+        warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
+        lr_milestones=tuple(round(m * pre) for m in config.schedule.lr_milestones),
+        prune_start=round(s.granet_prune_start_epoch * steps_per_epoch),
+        prune_end=min(pre, round(s.granet_prune_end_epoch * steps_per_epoch)),
+    )

@@ -1,0 +1,208 @@
+"""Typed configuration, one dataclass per component. Values are checked in ``__post_init__``;
+errors name the key, the value and what is allowed. Epoch-based settings are converted to
+optimizer steps once, in ``plan.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, key, value, f"allowed values are {', '.join(map(repr, allowed))}")
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str | None = None  # default: runs/<name>-<timestamp>
+    overwrite: bool = False  # allow writing into a directory that already holds a run
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "experiment.name", self.name, "a non-empty name without '/'")
+        _check(self.seed >= 0, "experiment.seed", self.seed, "a non-negative integer")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "resnet18"
+    num_classes: int | None = None  # None: taken from the dataset
+    cifar_stem: bool = False
+    drop_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "bundled"  # "bundled", a local parquet/image folder, or a cached HF dataset name
+    image_column: str | None = None
+    label_column: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    style: str = "cifar"  # augmentation family: cifar (crop+flip, <=64px) or imagenet (224px)
+    image_size: int = 32
+    num_workers: int = 0
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _choice("data.style", self.style, ("cifar", "imagenet"))
+        _check(self.image_size > 0, "data.image_size", self.image_size, "a positive integer")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive integer")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    decay_norms_and_biases: bool = True  # ImageNet recipe: False (no weight decay on norms/biases)
+    betas: tuple[float, float] = (0.9, 0.999)
+    label_smoothing: float = 0.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "adamw"))
+        _check(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "optim.max_grad_norm",
+               self.max_grad_norm, "null or a positive number")
+        self.betas = tuple(self.betas)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    epochs: float = 10.0  # the whole budget, cycles included
+    batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation steps)
+    grad_accum_steps: int = 1
+    lr_schedule: str = "step"  # base LR in phase 1: step, cosine or constant
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of phase 1
+    lr_gamma: float = 0.1
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "schedule.epochs", self.epochs, "a positive number")
+        _check(self.batch_size > 0, "schedule.batch_size", self.batch_size, "a positive integer")
+        _check(self.grad_accum_steps >= 1, "schedule.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        _choice("schedule.lr_schedule", self.lr_schedule, ("step", "cosine", "constant"))
+        _check(all(0 < m < 1 for m in self.lr_milestones), "schedule.lr_milestones", self.lr_milestones,
+               "fractions of phase 1 strictly between 0 and 1")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "a number >= 0")
+
+
+@dataclass(kw_only=True)
+class SparseConfig:
+    method: str = "rigl"  # set (random regrowth), rigl (gradient regrowth), granet (+ gradual prune)
+    density: float = 0.1  # final fraction of target weights kept
+    distribution: str = "erk"
+    update_interval: int = 1000  # optimizer steps between topology updates (ΔT)
+    drop_fraction: float = 0.5
+    drop_fraction_schedule: str = "constant"  # constant or cosine (drop_fraction -> final)
+    drop_fraction_final: float = 0.005
+    granet_initial_density: float = 0.5
+    granet_prune_start_epoch: float = 0.0
+    granet_prune_end_epoch: float = 110.0
+    include: list[str] | None = None  # glob patterns of target names (default: conv/linear weights)
+    exclude: list[str] = field(default_factory=list)
+    enforce_every_step: bool = True  # re-zero masked weights and optimizer state after each step
+    check_ranks: bool = False  # debug: compare a mask checksum across ranks at every update
+
+    def __post_init__(self) -> None:
+        _choice("sparse.method", self.method, ("set", "rigl", "granet"))
+        _check(0 < self.density <= 1, "sparse.density", self.density, "a fraction of weights kept in (0, 1]")
+        _choice("sparse.distribution", self.distribution, ("erk", "uniform"))
+        _check(self.update_interval >= 1, "sparse.update_interval", self.update_interval, "an integer >= 1 (steps)")
+        _check(0 <= self.drop_fraction < 1, "sparse.drop_fraction", self.drop_fraction, "in [0, 1)")
+        _choice("sparse.drop_fraction_schedule", self.drop_fraction_schedule, ("constant", "cosine"))
+        _check(0 <= self.drop_fraction_final <= self.drop_fraction, "sparse.drop_fraction_final",
+               self.drop_fraction_final, "in [0, sparse.drop_fraction]")
+        if self.method == "granet":
+            _check(self.density <= self.granet_initial_density <= 1, "sparse.granet_initial_density",
+                   self.granet_initial_density, f"in [sparse.density={self.density}, 1]")
+            _check(0 <= self.granet_prune_start_epoch <= self.granet_prune_end_epoch,
+                   "sparse.granet_prune_end_epoch", self.granet_prune_end_epoch,
+                   f">= sparse.granet_prune_start_epoch={self.granet_prune_start_epoch} >= 0")
+
+    @property
+    def grow(self) -> str:
+        return "random" if self.method == "set" else "gradient"
+
+    @property
+    def initial_density(self) -> float:
+        return self.granet_initial_density if self.method == "granet" else self.density
+
+
+@dataclass(kw_only=True)
+class TicketsConfig:
+    num_cycles: int = 3  # 0: plain DST for the whole budget (the base method)
+    cycle_epochs: float | None = None  # length of one cycle; or give cycles_fraction
+    cycles_fraction: float | None = 0.1  # fraction of the whole budget spent in cycles
+    lr_low: float = 1e-3
+    lr_high: float = 5e-3
+    reexplore_fraction: float = 0.5  # drop/regrow-by-gradient at each cycle start; 0: off
+    mask_in_cycles: str = "frozen"  # frozen (CIFAR recipe) or update (ImageNet recipe)
+    merge: str = "caa"  # caa (cumulative average) or ema
+    ema_decay: float = 0.5
+    reprune: str = "every"  # every merge, or once at the end
+    include_phase1_model: bool = True  # S_0 = P; False leaves P out of the average
+    bn_recalibration: bool = True
+    bn_recal_batches: int | None = None  # None: one pass over the training data
+
+    def __post_init__(self) -> None:
+        _check(self.num_cycles >= 0, "tickets.num_cycles", self.num_cycles, "an integer >= 0")
+        if self.num_cycles:
+            _check((self.cycle_epochs is None) != (self.cycles_fraction is None), "tickets.cycle_epochs",
+                   self.cycle_epochs, "set exactly one of tickets.cycle_epochs and tickets.cycles_fraction")
+        _check(self.cycle_epochs is None or self.cycle_epochs > 0, "tickets.cycle_epochs", self.cycle_epochs,
+               "a positive number")
+        _check(self.cycles_fraction is None or 0 < self.cycles_fraction < 1, "tickets.cycles_fraction",
+               self.cycles_fraction, "a fraction in (0, 1)")
+        _check(0 < self.lr_low <= self.lr_high, "tickets.lr_low", self.lr_low,
+               f"a positive number <= tickets.lr_high={self.lr_high}")
+        _check(0 <= self.reexplore_fraction < 1, "tickets.reexplore_fraction", self.reexplore_fraction, "in [0, 1)")
+        _choice("tickets.mask_in_cycles", self.mask_in_cycles, ("frozen", "update"))
+        _choice("tickets.merge", self.merge, ("caa", "ema"))
+        _check(0 < self.ema_decay < 1, "tickets.ema_decay", self.ema_decay, "in (0, 1)")
+        _choice("tickets.reprune", self.reprune, ("every", "end"))
+        _check(self.bn_recal_batches is None or self.bn_recal_batches > 0, "tickets.bn_recal_batches",
+               self.bn_recal_batches, "null (one pass) or a positive integer")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    precision: str = "fp32"  # fp32, bf16 or fp16 (fp16 uses a loss scaler: skipped steps count for nothing)
+    log_every: int = 20  # optimizer steps between log lines
+    eval_every_epochs: float = 0.0  # 0: evaluate only at P, tickets and S
+    skip_nonfinite: bool = True  # skip (and do not count) a step whose gradients are inf/NaN
+    compile: bool = False
+    save_tickets: bool = True
+    max_steps: int | None = None  # stop early after this many optimizer steps (debugging)
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1")
+
+
+@dataclass(kw_only=True)
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,327 @@
+"""Loading image-classification splits and serving keyed, augmented batches.
+
+``load_split_datasets`` returns Hugging Face datasets with exactly two columns, ``image`` and
+``label``. ``ImageClassificationDataset`` is indexed by ``(epoch, index)`` keys (see ``sampler``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import datasets as hf
+import huggingface_hub.constants
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .keys import sample_key, sample_keys
+from .transforms import CIFAR10_MEAN, CIFAR10_STD, ImageNetTransform, Normalize, crop_flip, crop_flip_batch
+
+log = logging.getLogger(__name__)
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "cifar10-mini"
+IMAGE_NAMES = ("img", "image", "images", "pixel_values")
+LABEL_NAMES = ("label", "labels", "fine_label", "target")
+
+Key = tuple[int, int]
+
+
+class SplitDatasets(NamedTuple):
+    train: hf.Dataset
+    eval: hf.Dataset
+    num_classes: int
+    class_names: list[str]
+
+
+# ----------------------------------------------------------------------------- loading splits
+
+
+def load_split_datasets(
+    source: str,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str = "train",
+    eval_split: str = "test",
+    cache_dir: str | None = None,
+) -> SplitDatasets:
+    """Load train/eval splits from ``"bundled"``, a local folder (parquet files or imagefolder
+    layout) or a hub dataset name already in the local cache (never downloads).
+
+    Image/label columns are detected when not given; the returned datasets have the columns renamed
+    to ``image`` and ``label``.
+    """
+    splits = (train_split, eval_split)
+    if source == "bundled":
+        if not BUNDLED_DIR.is_dir():
+            raise FileNotFoundError(
+                f"bundled CIFAR-10 mini split missing at {BUNDLED_DIR} (package data not installed?)"
+            )
+        dsd = _load_parquet_dir(BUNDLED_DIR, splits, cache_dir)
+    elif os.path.exists(os.path.expanduser(source)):
+        dsd = _load_local(Path(source).expanduser(), splits, cache_dir)
+    elif _looks_like_path(source):
+        raise FileNotFoundError(f"dataset path does not exist: {os.path.abspath(os.path.expanduser(source))}")
+    else:
+        dsd = _load_hub_cached(source, cache_dir)
+
+    missing = [s for s in splits if s not in dsd]
+    if missing:
+        raise ValueError(f"split(s) {missing} not found in {source!r}; available splits: {list(dsd)}")
+    train, eval_ = dsd[train_split], dsd[eval_split]
+    image_column = _pick_column(train.features, image_column, hf.Image, IMAGE_NAMES, "image")
+    label_column = _pick_column(train.features, label_column, hf.ClassLabel, LABEL_NAMES, "label")
+    lacking = {image_column, label_column} - set(eval_.column_names)
+    if lacking:
+        raise ValueError(
+            f"split {eval_split!r} lacks column(s) {sorted(lacking)}; columns: {eval_.column_names}"
+        )
+
+    class_names = _class_names(train, eval_, label_column)
+    train, eval_ = (_canonical(ds, image_column, label_column) for ds in (train, eval_))
+    log.info(
+        "loaded %r: %d train / %d eval examples, %d classes (image=%r, label=%r)",
+        source,
+        len(train),
+        len(eval_),
+        len(class_names),
+        image_column,
+        label_column,
+    )
+    return SplitDatasets(train, eval_, len(class_names), class_names)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith(".parquet")
+
+
+def _load_local(root: Path, splits: Sequence[str], cache_dir: str | None) -> hf.DatasetDict:
+    if not root.is_dir():
+        raise ValueError(f"expected a directory of parquet files or an imagefolder tree, got file {root}")
+    if any(root.rglob("*.parquet")):
+        return _load_parquet_dir(root, splits, cache_dir)
+    log.info("no parquet files under %s: loading it as an imagefolder", root)
+    return hf.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+
+
+def _load_parquet_dir(root: Path, splits: Sequence[str], cache_dir: str | None) -> hf.DatasetDict:
+    """Parquet files of a split are those named ``<split>*.parquet`` or under a ``<split>/`` folder."""
+    files = sorted(root.rglob("*.parquet"))
+    data_files = {}
+    for split in splits:
+        chosen = [
+            str(f)
+            for f in files
+            if split in f.relative_to(root).parts[:-1]
+            or f.stem == split
+            or f.stem.startswith((f"{split}-", f"{split}_", f"{split}."))
+        ]
+        if not chosen:
+            found = [str(f.relative_to(root)) for f in files]
+            raise FileNotFoundError(f"no parquet files for split {split!r} under {root}; found: {found}")
+        data_files[split] = chosen
+    return hf.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Force offline mode for the duration of one load, whatever the environment says."""
+    saved = hf.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    hf.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hub_cached(name: str, cache_dir: str | None) -> hf.DatasetDict:
+    cache = cache_dir or hf.config.HF_DATASETS_CACHE
+    try:
+        with _hub_offline():
+            return hf.load_dataset(name, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:  # ConnectionError / FileNotFoundError / cache mismatch
+        raise FileNotFoundError(
+            f"dataset {name!r} is not a local path and is not in the local Hugging Face datasets "
+            f"cache ({cache}). Hub downloads are impossible here (offline mode). Pass a local folder "
+            "(parquet files, or an imagefolder tree root/train/<class>/*.png, root/test/<class>/...), "
+            f"use 'bundled', or pre-download it on a connected machine with "
+            f"datasets.load_dataset({name!r}) and copy the cache directory (HF_HOME) here. "
+            f"Loader said: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _pick_column(
+    features: hf.Features, given: str | None, kind: type, names: Sequence[str], what: str
+) -> str:
+    if given is not None:
+        if given not in features:
+            raise ValueError(f"{what} column {given!r} not found; columns: {list(features)}")
+        return given
+    for name, feature in features.items():
+        if isinstance(feature, kind):
+            return name
+    for name in names:
+        if name in features:
+            return name
+    raise ValueError(f"cannot detect the {what} column among {list(features)}; pass {what}_column=")
+
+
+def _class_names(train: hf.Dataset, eval_: hf.Dataset, label_column: str) -> list[str]:
+    feature = train.features[label_column]
+    if isinstance(feature, hf.ClassLabel):
+        other = eval_.features[label_column]
+        if isinstance(other, hf.ClassLabel) and other.names != feature.names:
+            raise ValueError(f"train and eval class names differ: {feature.names} vs {other.names}")
+        return list(feature.names)
+    labels = _label_array(train, label_column)
+    log.warning("label column %r is not a ClassLabel: using classes 0..%d", label_column, labels.max())
+    return [str(i) for i in range(int(labels.max()) + 1)]
+
+
+def _label_array(ds: hf.Dataset, label_column: str) -> np.ndarray:
+    """Labels as int64 without touching (decoding) the other columns."""
+    return np.asarray(ds.select_columns([label_column]).with_format("numpy")[:][label_column], dtype=np.int64)
+
+
+def _canonical(ds: hf.Dataset, image_column: str, label_column: str) -> hf.Dataset:
+    ds = ds.select_columns([image_column, label_column])
+    renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+    return ds.rename_columns(renames) if renames else ds
+
+
+# ----------------------------------------------------------------------------- keyed dataset
+
+
+def _to_rgb(image: Image.Image, size: int | None = None) -> Image.Image:
+    image = image.convert("RGB")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return image
+
+
+def _pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by ``(epoch, index)``; returns ``(float32 [3,H,W], label)``.
+
+    ``style='cifar'``: pad-crop + flip on uint8 tensors (images resized to ``image_size`` if they
+    differ); with ``image_size <= 64`` all images are decoded once into memory and ``get_batch``
+    is the fast path. ``style='imagenet'``: lazy decoding with torchvision transforms.
+    """
+
+    def __init__(
+        self,
+        hf_dataset: hf.Dataset,
+        image_column: str = "image",
+        label_column: str = "label",
+        train: bool = True,
+        seed: int = 0,
+        style: Literal["cifar", "imagenet"] = "cifar",
+        image_size: int = 32,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        padding: int = 4,
+    ) -> None:
+        if style not in ("cifar", "imagenet"):
+            raise ValueError(f"style must be 'cifar' or 'imagenet', got {style!r}")
+        self.images_hf = hf_dataset.select_columns([image_column])
+        self.image_column = image_column
+        self.train, self.seed, self.style = train, seed, style
+        self.image_size, self.padding = image_size, padding
+        self.labels = torch.from_numpy(_label_array(hf_dataset, label_column))
+        self.normalize = Normalize(mean, std)
+        self.imagenet = ImageNetTransform(train, image_size, mean, std) if style == "imagenet" else None
+        self.in_memory = style == "cifar" and image_size <= 64
+        self.images: torch.Tensor | None = self._decode_all() if self.in_memory else None
+
+    def _decode_all(self) -> torch.Tensor:
+        start = time.perf_counter()
+        arrays = []
+        for batch in self.images_hf.iter(batch_size=1000):
+            arrays += [np.asarray(_to_rgb(im, self.image_size)) for im in batch[self.image_column]]
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        log.info(
+            "decoded %d images %s in %.2fs", len(images), tuple(images.shape[1:]), time.perf_counter() - start
+        )
+        return images
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        label = int(self.labels[index])
+        if self.style == "imagenet":
+            image = _to_rgb(self.images_hf[index][self.image_column])
+            return self.imagenet(image, sample_key(self.seed, epoch, index)), label
+        if self.images is not None:
+            image = self.images[index]
+        else:
+            image = _pil_to_uint8(_to_rgb(self.images_hf[index][self.image_column], self.image_size))
+        if self.train:
+            image = crop_flip(image, sample_key(self.seed, epoch, index), self.padding)
+        return self.normalize(image), label
+
+    def get_batch(self, keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images float32 [B,3,H,W] and labels int64 [B] for a list of keys."""
+        if self.images is None:
+            items = [self[k] for k in keys]
+            return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+        epochs, indices = torch.tensor(keys, dtype=torch.int64).reshape(-1, 2).unbind(1)
+        images = self.images[indices]
+        if self.train:
+            images = crop_flip_batch(images, sample_keys(self.seed, epochs, indices), self.padding)
+        return self.normalize(images), self.labels[indices]
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+class InMemoryLoader:
+    """Batches straight from ``dataset.get_batch`` in the main process (no workers, no collate)."""
+
+    def __init__(
+        self,
+        dataset: ImageClassificationDataset,
+        batch_sampler: Iterable[Sequence[Key]],
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset, self.batch_sampler, self.pin_memory = dataset, batch_sampler, pin_memory
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for keys in self.batch_sampler:
+            images, labels = self.dataset.get_batch(keys)
+            yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+
+def make_loader(
+    dataset: ImageClassificationDataset,
+    batch_sampler: Iterable[Sequence[Key]],
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Iterable of ``(images, labels)``; re-iterate it after ``batch_sampler.set_epoch``.
+
+    In-memory datasets are served by ``get_batch`` in the main process (``num_workers`` ignored).
+    """
+    pin_memory = pin_memory and torch.cuda.is_available()
+    if dataset.in_memory:
+        return InMemoryLoader(dataset, batch_sampler, pin_memory)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,264 @@
+"""The phase machine of Sup-tickets: when to update topology, when cycles start and end, and the
+superposition side chain. It sees the model only through a ``Backend``; data-dependent work
+(evaluation, BN recalibration passes, saving) is delegated to ``EngineHooks``.
+
+Call order per optimizer step (only real steps count):
+    backward(s) ... -> engine.before_optimizer_step() -> clip -> optimizer.step()
+    -> engine.after_optimizer_step(skipped=...)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from .config.plan import StepPlan
+from .config.schema import ScheduleConfig, SparseConfig, TicketsConfig
+from .core import schedules
+from .core.collectives import Collectives
+from .core.masks import MaskState
+from .core.targets import Target
+from .core.topology import drop_and_grow, global_prune
+from .tickets.superpose import SuperpositionChain
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What an engine adapter provides. ``targets`` and ``state_tensors`` are local pieces in
+    the parameters' own placement; ``shard`` spans ranks holding different pieces of the same
+    tensors (selection), ``data_parallel`` spans replicas seeing different data (BN, eval)."""
+
+    shard: Collectives
+    data_parallel: Collectives
+
+    def targets(self) -> list[Target]: ...
+
+    def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]: ...
+
+
+class EngineHooks:
+    """Called by the engine at phase events; the training loop overrides what it needs."""
+
+    def on_phase1_end(self, engine: SupTicketsEngine) -> None:
+        """The model holds P, the end of phase 1."""
+
+    def on_ticket(self, engine: SupTicketsEngine, index: int) -> None:
+        """The model holds ticket T_index (0-based), at the cycle's LR minimum."""
+
+    def recalibrate_bn(self, engine: SupTicketsEngine) -> None:
+        """Recompute BN statistics of the model as it is now (it holds S_i)."""
+
+    def on_superposed(self, engine: SupTicketsEngine, index: int) -> None:
+        """The model holds S_{index+1} (re-pruned and recalibrated); it is swapped back after."""
+
+    def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
+        """A mask change happened (kind: update, reexplore, prune)."""
+
+
+class SupTicketsEngine:
+    def __init__(
+        self,
+        *,
+        sparse: SparseConfig,
+        tickets: TicketsConfig,
+        schedule: ScheduleConfig,
+        base_lr: float,
+        plan: StepPlan,
+        backend: Backend,
+        seed: int,
+        hooks: EngineHooks | None = None,
+    ) -> None:
+        self.sparse, self.tickets, self.schedule = sparse, tickets, schedule
+        self.base_lr, self.plan, self.backend, self.seed = base_lr, plan, backend, seed
+        self.hooks = hooks or EngineHooks()
+        self.phases = schedules.PhasePlan(
+            total_steps=plan.total_steps, num_cycles=plan.num_cycles, cycle_steps=plan.cycle_steps
+        )
+        self.step = 0  # optimizer steps completed
+        self.targets: list[Target] = backend.targets()
+        self.masks: MaskState | None = None
+        self.chain: SuperpositionChain | None = None
+        self.num_tickets = 0
+        self._grad_scores: dict[str, torch.Tensor] | None = None
+
+    # ---- set-up -------------------------------------------------------------------------
+    def init_masks(self) -> None:
+        self.masks = MaskState.initialize(
+            self.targets, self.sparse.initial_density, self.sparse.distribution, self.seed, self.backend.shard
+        )
+        log.info("masks initialised: density %.4f over %d targets (%s)", self.masks.density(self.targets),
+                 len(self.targets), self.sparse.distribution)
+
+    @property
+    def total_target_weights(self) -> int:
+        return sum(t.numel for t in self.targets)
+
+    @property
+    def final_keep(self) -> int:
+        """k = floor(d_final * N), the number of target weights S keeps."""
+        return math.floor(self.sparse.density * self.total_target_weights)
+
+    # ---- schedules ----------------------------------------------------------------------
+    def lr(self, step: int | None = None) -> float:
+        """LR for the optimizer step taken after ``step`` completed steps (default: now)."""
+        step = self.step if step is None else step
+        cycle = self.phases.cycle_of(step)
+        if cycle is not None:
+            within = step - self.plan.pre_steps - cycle * self.plan.cycle_steps
+            return schedules.triangle_lr(within, cycle_steps=self.plan.cycle_steps,
+                                         lr_low=self.tickets.lr_low, lr_high=self.tickets.lr_high)
+        s = self.schedule
+        if s.lr_schedule == "step":
+            lr = schedules.step_decay_lr(step, base_lr=self.base_lr, milestones=list(self.plan.lr_milestones),
+                                         gamma=s.lr_gamma)
+        elif s.lr_schedule == "cosine":
+            lr = schedules.cosine_lr(step, base_lr=self.base_lr, min_lr=s.min_lr, steps=self.plan.pre_steps)
+        else:
+            lr = self.base_lr
+        return lr * schedules.warmup_factor(step, warmup_steps=self.plan.warmup_steps,
+                                            start_factor=s.warmup_start_factor)
+
+    def drop_fraction(self, step: int) -> float:
+        s = self.sparse
+        return schedules.drop_fraction_at(step, initial=s.drop_fraction, final=s.drop_fraction_final,
+                                          schedule=s.drop_fraction_schedule, steps=self.plan.total_steps)
+
+    def granet_density(self, step: int) -> float:
+        s = self.sparse
+        return schedules.granet_density(step, initial=s.granet_initial_density, final=s.density,
+                                        start=self.plan.prune_start, end=self.plan.prune_end)
+
+    def phase(self, step: int | None = None) -> tuple[str, int | None]:
+        """("dst", None) in phase 1, ("cycle", m) in cycle m, for the step after ``step``."""
+        cycle = self.phases.cycle_of(self.step if step is None else step)
+        return ("dst", None) if cycle is None else ("cycle", cycle)
+
+    def mask_events(self, completed: int) -> list[str]:
+        """Mask changes due right after ``completed`` steps: 'prune', 'update', 'reexplore'."""
+        events = []
+        pre, total, interval = self.plan.pre_steps, self.plan.total_steps, self.sparse.update_interval
+        if 0 < completed < pre and completed % interval == 0:
+            if self.sparse.method == "granet" and self.plan.prune_start <= completed:
+                events.append("prune")
+            events.append("update")
+        if completed == pre and self.sparse.method == "granet":
+            events.append("prune")  # make sure phase 1 ends at the final density
+        if self.phases.cycle_start(completed) is not None and self.tickets.reexplore_fraction > 0:
+            events.append("reexplore")
+        elif (self.tickets.mask_in_cycles == "update" and pre < completed < total
+              and completed % interval == 0):
+            events.append("update")
+        return events
+
+    def _needs_grad_scores(self, completed: int) -> bool:
+        events = self.mask_events(completed)
+        return "reexplore" in events or ("update" in events and self.sparse.grow == "gradient")
+
+    # ---- the step -----------------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        """At the sync boundary, after backward and unscaling, before clipping: keep the dense
+        gradient if an update will need it, then zero the gradients of masked weights."""
+        if self._needs_grad_scores(self.step + 1):
+            self._grad_scores = {
+                t.name: g.detach().abs() if (g := t.grad()) is not None else torch.zeros_like(t.param)
+                for t in self.targets
+            }
+        self.masks.apply_to_grads(self.targets)
+
+    def after_optimizer_step(self, skipped: bool = False) -> None:
+        """After the real optimizer step. A skipped step (overflow, non-finite) changes nothing."""
+        if skipped:
+            self._grad_scores = None
+            return
+        if self.sparse.enforce_every_step:
+            self.masks.apply(self.targets)
+        self.step += 1
+        try:
+            self._on_completed(self.step)
+        finally:
+            self._grad_scores = None
+
+    def _on_completed(self, completed: int) -> None:
+        events = self.mask_events(completed)
+        if completed < self.plan.pre_steps:
+            self._apply_mask_events(events, completed)
+        if completed == self.plan.pre_steps:
+            self._apply_mask_events([e for e in events if e == "prune"], completed)
+            if self.plan.num_cycles and self.tickets.include_phase1_model:
+                self._merge_into_chain()
+            self.hooks.on_phase1_end(self)
+        ended = self.phases.cycle_end(completed)
+        if ended is not None:
+            self._make_ticket(ended)
+        if completed >= self.plan.pre_steps and completed < self.plan.total_steps:
+            self._apply_mask_events([e for e in events if e != "prune"], completed)
+        if completed == self.plan.total_steps:
+            self._finish()
+
+    def _apply_mask_events(self, events: Sequence[str], completed: int) -> None:
+        for event in events:
+            if event == "prune":
+                keep = round(self.granet_density(completed) * self.total_target_weights)
+                if completed == self.plan.pre_steps:
+                    keep = round(self.sparse.density * self.total_target_weights)
+                before = self.masks.total_active()
+                global_prune(self.targets, self.masks, keep, self.backend.shard)
+                swapped = {"pruned": before - self.masks.total_active()}
+            else:
+                fraction = (self.tickets.reexplore_fraction if event == "reexplore"
+                            else self.drop_fraction(completed))
+                grow = "gradient" if event == "reexplore" else self.sparse.grow
+                swapped = drop_and_grow(self.targets, self.masks, fraction, grow, completed, self.seed,
+                                        self.backend.shard, self._grad_scores)
+            if self.sparse.check_ranks:
+                self._check_rank_agreement(event, completed)
+            self.hooks.on_topology_update(self, event, swapped)
+
+    def _check_rank_agreement(self, event: str, completed: int) -> None:
+        """Debug: every data-parallel replica must hold the same masks."""
+        mine = torch.tensor([self.masks.checksum(self.targets)], dtype=torch.float64)
+        total = mine.clone()
+        self.backend.data_parallel.all_reduce_sum(total)
+        if float(total) != float(mine) * self.backend.data_parallel.world_size:
+            raise RuntimeError(f"masks differ across ranks after {event} at step {completed}")
+
+    # ---- tickets and superposition ------------------------------------------------------
+    def _merge_into_chain(self) -> None:
+        names, tensors = self.backend.state_tensors()
+        if self.chain is None:
+            self.chain = SuperpositionChain(names, self.tickets.merge, self.tickets.ema_decay)
+        self.chain.merge(tensors)
+
+    def _make_ticket(self, index: int) -> None:
+        self.num_tickets = index + 1
+        log.info("ticket T_%d ready at step %d", index + 1, self.step)
+        self.hooks.on_ticket(self, index)
+        self._merge_into_chain()
+        if self.tickets.reprune == "every" or index == self.plan.num_cycles - 1:
+            self.chain.reprune(self.targets, self.final_keep, self.backend.shard)
+        _, tensors = self.backend.state_tensors()
+        self.chain.swap(tensors)  # the model holds S_i; training continues on T_i after the swap back
+        try:
+            if self.tickets.bn_recalibration:
+                self.hooks.recalibrate_bn(self)
+            self.hooks.on_superposed(self, index)
+        finally:
+            self.chain.swap(tensors)
+
+    def _finish(self) -> None:
+        """The final model is S_M: install its tensors and masks in place."""
+        if self.chain is None or self.num_tickets == 0:
+            return
+        _, tensors = self.backend.state_tensors()
+        self.chain.swap(tensors)
+        for name, mask in self.chain.masks.items():
+            self.masks.masks[name].copy_(mask)
+        self.masks.recount()
+        self.masks.apply(self.targets)  # optimizer state outside S's masks belongs to no weight
+        log.info("final model is S_%d: %d target weights kept (density %.4f)", self.num_tickets,
+                 self.masks.total_active(), self.masks.density(self.targets))

@@ -1,0 +1,6 @@
+"""Cheap tickets: the superposition side chain, global re-prune and BatchNorm recalibration."""
+
+from .batchnorm import recalibrate_batchnorm
+from .superpose import MERGE_RULES, SuperpositionChain
+
+__all__ = ["MERGE_RULES", "SuperpositionChain", "recalibrate_batchnorm"]

@@ -1,0 +1,80 @@
+"""BatchNorm recalibration with exact pooled statistics.
+
+The reference code resets running stats and averages per-batch statistics on one process. Here
+each BN layer's input is summed (per channel: sum, sum of squares, count, in float64) over all
+batches and all data-parallel ranks, then running_mean/var are set to the pooled mean and unbiased
+variance. With batches that do not depend on the world size, the result does not either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..core.collectives import LOCAL, Collectives
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor | None],
+    collectives: Collectives = LOCAL,
+    forward: Callable[[torch.Tensor], object] | None = None,
+) -> int:
+    """Recompute every BN layer's running statistics from ``batches`` (inputs only).
+
+    ``None`` batches are skipped. Collective: one all-reduce over ``collectives``.
+    Returns the number of BN layers recalibrated (0: the model has none, nothing is done).
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not layers:
+        log.info("model has no BatchNorm layers: skipping BN recalibration")
+        return 0
+    forward = forward or model
+    # per layer: [sum over channel (c), sum of squares (c), values per channel (1)], float64
+    totals = {
+        m: torch.zeros(2 * m.num_features + 1, dtype=torch.float64, device=m.running_mean.device)
+        for m in layers
+    }
+
+    def hook(module: _BatchNorm, args: tuple) -> None:
+        x = args[0].detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        totals[module] += torch.cat([x.sum(dims), (x * x).sum(dims), count])
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    was_training = model.training
+    model.train()
+    num_batches = 0
+    try:
+        for batch in batches:
+            if batch is not None:
+                forward(batch)
+                num_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    flat = torch.cat([totals[m] for m in layers] + [totals[layers[0]].new_tensor([float(num_batches)])])
+    collectives.all_reduce_sum(flat)
+    batches_total = int(flat[-1])
+    offset = 0
+    for m in layers:
+        c = m.num_features
+        s, ss, n = flat[offset : offset + c], flat[offset + c : offset + 2 * c], flat[offset + 2 * c]
+        offset += 2 * c + 1
+        if n < 2:
+            raise ValueError(f"BN recalibration saw {int(n)} values per channel; give it more data")
+        mean = s / n
+        var = (ss / n - mean * mean).clamp(min=0) * (n / (n - 1))
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.fill_(batches_total)
+    return len(layers)

@@ -1,0 +1,1 @@
+"""The reference training loop (Accelerate-driven) and its pieces."""

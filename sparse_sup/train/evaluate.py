@@ -1,0 +1,73 @@
+"""Distributed evaluation that counts every example exactly once.
+
+Rank r evaluates examples r, r+W, r+2W, ... (no sampler padding, no duplicates); sums of correct
+predictions, loss and count are all-reduced over the data-parallel group. With ``lockstep``
+(sharded engines whose forward is collective), ranks with fewer batches run extra forwards whose
+results are discarded, so every rank issues the same number of forwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.collectives import Collectives
+from ..data import EvalShardSampler, make_loader
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int,
+    collectives: Collectives,
+    device: torch.device,
+    num_workers: int = 0,
+    lockstep: bool = False,
+) -> dict[str, float]:
+    world, rank = collectives.world_size, collectives.rank
+    sampler = EvalShardSampler(len(dataset), batch_size, world, rank)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # correct, summed loss, count
+    dtype = next(model.parameters()).dtype
+    last = None
+    for images, labels in make_loader(dataset, sampler, num_workers):
+        images, labels = images.to(device, dtype), labels.to(device)
+        logits = model(images).float()
+        totals += torch.tensor([
+            (logits.argmax(1) == labels).sum().item(),
+            F.cross_entropy(logits, labels, reduction="sum").item(),
+            labels.numel(),
+        ], dtype=torch.float64)
+        last = images
+    if lockstep:
+        most = max(len(EvalShardSampler(len(dataset), batch_size, world, r)) for r in range(world))
+        for _ in range(most - len(sampler)):
+            model(last if last is not None else dataset.get_batch([(0, 0)])[0].to(device, dtype))
+    collectives.all_reduce_sum(totals)
+    model.train(was_training)
+    correct, loss, count = totals.tolist()
+    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": int(count)}
+
+
+def recalibration_batches(dataset, batch_size: int, num_batches: int | None, seed: int,
+                          collectives: Collectives, device: torch.device, dtype: torch.dtype,
+                          lockstep: bool = False):
+    """Training images (no augmentation) for BN recalibration, in batches whose content does not
+    depend on the world size: batch j holds a fixed seeded slice and goes to rank j mod W.
+    With ``lockstep`` every rank yields the same number of items (``None`` = nothing to add)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    total = len(dataset) // batch_size
+    if num_batches is not None:
+        total = min(total, num_batches)
+    world, rank = collectives.world_size, collectives.rank
+    mine = list(range(rank, total, world))
+    rounds = -(-total // world) if lockstep else len(mine)
+    for i in range(rounds):
+        if i >= len(mine):
+            yield None
+            continue
+        j = mine[i]
+        keys = [(0, int(k)) for k in order[j * batch_size:(j + 1) * batch_size]]
+        yield dataset.get_batch(keys)[0].to(device, dtype)

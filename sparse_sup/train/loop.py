@@ -1,0 +1,256 @@
+"""The reference training loop: Accelerate for devices, DDP and mixed precision; the
+``SupTicketsEngine`` for everything sparse; hooks for evaluation, BN recalibration and tickets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from ..backends import LocalBackend
+from ..backends.collectives import data_parallel_collectives
+from ..checkpoint import export_safetensors, save_model_snapshot
+from ..config import config_to_dict
+from ..core.names import normalize_name
+from ..data import GlobalBatchSampler, make_loader
+from ..engine import EngineHooks, SupTicketsEngine
+from ..tickets import recalibrate_batchnorm
+from .evaluate import evaluate, recalibration_batches
+from .logs import MetricsWriter, setup_logging
+from .optim import build_optimizer
+from .setup import Prepared
+
+log = logging.getLogger(__name__)
+
+
+class LoopHooks(EngineHooks):
+    """Evaluates P, each ticket and each superposition; saves tickets; logs mask changes."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def on_phase1_end(self, engine: SupTicketsEngine) -> None:
+        self.run.record("P", engine)
+
+    def on_ticket(self, engine: SupTicketsEngine, index: int) -> None:
+        self.run.record(f"T_{index + 1}", engine, snapshot=f"ticket_{index + 1}.pt")
+
+    def recalibrate_bn(self, engine: SupTicketsEngine) -> None:
+        self.run.recalibrate_bn()
+
+    def on_superposed(self, engine: SupTicketsEngine, index: int) -> None:
+        masks = engine.chain.masks or engine.masks.masks
+        self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt", masks=masks)
+
+    def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
+        counts = engine.masks.counts
+        per_layer = {t.name: counts[t.name] / t.numel for t in engine.targets}
+        log.info("step %d %s: density %.4f (layers %.3f..%.3f), %d weights moved", engine.step, kind,
+                 engine.masks.density(engine.targets), min(per_layer.values()), max(per_layer.values()),
+                 sum(swapped.values()))
+        self.run.metrics.write(event=kind, step=engine.step, density=engine.masks.density(engine.targets),
+                               layer_density=per_layer, moved=swapped)
+
+
+class Run:
+    def __init__(self, prepared: Prepared, accelerator) -> None:
+        self.p = prepared
+        self.config = prepared.config
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
+        self.run_dir = prepared.run_dir
+        self.results: dict[str, dict] = {}
+        self.dp = data_parallel_collectives()
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if self.is_main else None)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def start(self) -> None:
+        c = self.config
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
+        setup_logging(self.accelerator.process_index, self.run_dir / "train.log")
+        log.info("run directory: %s", self.run_dir)
+        log.info("plan: %s", self.p.plan.describe())
+        model = self.p.model
+        if c.train.compile:
+            model = torch.compile(model)
+        optimizer = build_optimizer(model, c.optim)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.module = self.accelerator.unwrap_model(self.model)
+        self.backend = LocalBackend(self.model, self.optimizer, self.p.target_names, self.dp)
+        self.engine = SupTicketsEngine(
+            sparse=c.sparse, tickets=c.tickets, schedule=c.schedule, base_lr=c.optim.lr, plan=self.p.plan,
+            backend=self.backend, seed=c.experiment.seed, hooks=LoopHooks(self),
+        )
+        self.engine.init_masks()
+        counts = self.engine.masks.counts
+        log.info("layer densities: %s", ", ".join(
+            f"{t.name}={counts[t.name] / t.numel:.3f}" for t in self.engine.targets))
+
+    # ---- evaluation, BN, snapshots ------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def evaluate(self) -> dict[str, float]:
+        d = self.config.data
+        return evaluate(self.module, self.p.eval_set, d.eval_batch_size, self.dp, self.accelerator.device,
+                        d.num_workers)
+
+    def recalibrate_bn(self) -> None:
+        t, d = self.config.tickets, self.config.data
+        batches = recalibration_batches(self.p.bn_set, d.eval_batch_size, t.bn_recal_batches,
+                                        self.config.experiment.seed, self.dp, self.accelerator.device,
+                                        self.dtype)
+        recalibrate_batchnorm(self.module, batches, self.dp)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {normalize_name(k): v for k, v in self.module.state_dict().items()}
+
+    def record(self, label: str, engine: SupTicketsEngine, snapshot: str | None = None,
+               masks: dict | None = None) -> None:
+        result = self.evaluate()
+        result.update(step=engine.step, density=engine.masks.density(engine.targets))
+        if masks is not None:
+            kept = sum(int(m.sum()) for m in masks.values())
+            result["density"] = kept / engine.total_target_weights
+        self.results[label] = result
+        log.info("%s: accuracy %.2f%%, loss %.4f (step %d, density %.4f)", label, 100 * result["accuracy"],
+                 result["loss"], engine.step, result["density"])
+        self.metrics.write(event="eval", label=label, **result)
+        if snapshot and self.config.train.save_tickets and self.is_main:
+            save_model_snapshot(self.run_dir / "tickets" / snapshot, self.model_state(),
+                                masks if masks is not None else engine.masks.masks,
+                                {"label": label, "step": engine.step, **result})
+
+    # ---- training ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        c, plan, engine = self.config, self.p.plan, self.engine
+        acc = self.accelerator
+        accum = c.schedule.grad_accum_steps
+        sampler = GlobalBatchSampler(len(self.p.train_set), c.schedule.batch_size, acc.num_processes,
+                                     acc.process_index, accum, c.experiment.seed)
+        loader = make_loader(self.p.train_set, sampler, c.data.num_workers)
+        last_step = min(plan.total_steps, c.train.max_steps or plan.total_steps)
+        bar = tqdm(total=last_step, disable=not (self.is_main and c.train.progress_bar), unit="step",
+                   dynamic_ncols=True)
+        window_loss, window_n, window_start, skipped = 0.0, 0, time.perf_counter(), 0
+        self.model.train()
+        while engine.step < last_step:
+            epoch, offset = divmod(engine.step, plan.steps_per_epoch)
+            sampler.set_epoch(epoch, offset)
+            micro = iter(loader)
+            for _ in range(offset, plan.steps_per_epoch):
+                loss = self._optimizer_step(micro, accum)
+                if loss is None:
+                    skipped += 1
+                    continue
+                window_loss, window_n = window_loss + loss, window_n + 1
+                bar.update(1)
+                phase, cycle = engine.phase(engine.step - 1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{engine.lr(engine.step - 1):.2e}",
+                                phase=phase if cycle is None else f"cycle {cycle + 1}")
+                if engine.step % c.train.log_every == 0 or engine.step == last_step:
+                    rate = window_n / (time.perf_counter() - window_start)
+                    log.info("step %d/%d epoch %d %s | loss %.4f | lr %.2e | density %.4f | %.2f steps/s%s",
+                             engine.step, last_step, epoch, phase if cycle is None else f"cycle {cycle + 1}",
+                             window_loss / window_n, engine.lr(engine.step - 1),
+                             engine.masks.density(engine.targets), rate,
+                             f" | {skipped} skipped" if skipped else "")
+                    self.metrics.write(event="train", step=engine.step, epoch=epoch, loss=window_loss / window_n,
+                                       lr=engine.lr(engine.step - 1), phase=phase, cycle=cycle,
+                                       density=engine.masks.density(engine.targets), steps_per_s=rate)
+                    window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+                if c.train.eval_every_epochs and engine.step % max(1, round(c.train.eval_every_epochs * plan.steps_per_epoch)) == 0:
+                    r = self.evaluate()
+                    log.info("eval at step %d: accuracy %.2f%%", engine.step, 100 * r["accuracy"])
+                    self.metrics.write(event="eval", label=f"step_{engine.step}", step=engine.step, **r)
+                if engine.step >= last_step:
+                    break
+        bar.close()
+        return self.finish(skipped)
+
+    def _optimizer_step(self, micro, accum: int) -> float | None:
+        """One real optimizer step over ``accum`` micro-batches; None if it was skipped."""
+        c, acc, engine = self.config, self.accelerator, self.engine
+        for g in self.optimizer.param_groups:
+            g["lr"] = engine.lr()
+        total = 0.0
+        for a in range(accum):
+            images, labels = next(micro)
+            images, labels = images.to(acc.device), labels.to(acc.device)
+            sync = a == accum - 1
+            with acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext():
+                with acc.autocast():
+                    logits = self.model(images)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=c.optim.label_smoothing)
+                acc.backward(loss / accum)
+            total += loss.item() / accum
+        if acc.scaler is not None:
+            acc.unscale_gradients(self.optimizer)
+        engine.before_optimizer_step()
+        finite = True
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if c.optim.max_grad_norm:
+            norm = acc.clip_grad_norm_(params, c.optim.max_grad_norm)
+            finite = bool(torch.isfinite(torch.as_tensor(norm)))
+        elif c.train.skip_nonfinite:
+            norms = torch._foreach_norm([p.grad for p in params])
+            finite = bool(torch.isfinite(torch.stack(norms)).all())
+        step_skipped = not finite and c.train.skip_nonfinite
+        if not step_skipped:
+            self.optimizer.step()
+            step_skipped = acc.optimizer_step_was_skipped
+        engine.after_optimizer_step(skipped=step_skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        if step_skipped:
+            log.warning("optimizer step skipped (non-finite gradients); no schedule advanced")
+            return None
+        return total
+
+    # ---- the end -------------------------------------------------------------------------------
+    def finish(self, skipped: int) -> dict:
+        engine = self.engine
+        final = self.evaluate()
+        final.update(step=engine.step, density=engine.masks.density(engine.targets))
+        self.results["final"] = final
+        label = f"S_{engine.num_tickets}" if engine.num_tickets else "final (no tickets)"
+        log.info("final model (%s): accuracy %.2f%%, density %.4f", label, 100 * final["accuracy"],
+                 final["density"])
+        summary = {
+            "results": self.results,
+            "final_is": label,
+            "plan": {"total_steps": self.p.plan.total_steps, "pre_steps": self.p.plan.pre_steps,
+                     "num_cycles": self.p.plan.num_cycles, "cycle_steps": self.p.plan.cycle_steps,
+                     "cycles_fraction": self.p.plan.cycles_fraction},
+            "steps_completed": engine.step,
+            "skipped_steps": skipped,
+            "model": self.config.model.name,
+            "method": self.config.sparse.method,
+            "density": self.config.sparse.density,
+            "world_size": self.accelerator.num_processes,
+        }
+        if self.is_main:
+            meta = {"model": self.config.model.name, "num_classes": self.config.model.num_classes,
+                    "cifar_stem": self.config.model.cifar_stem, "density": final["density"]}
+            export_safetensors(self.run_dir / "final" / "model.safetensors", self.model_state(), meta)
+            save_model_snapshot(self.run_dir / "final" / "model_and_masks.pt", self.model_state(),
+                                engine.masks.masks, {"label": label, **final})
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def summary_table(summary: dict) -> str:
+    """Markdown table: P, each ticket, each superposition and the final model."""
+    rows = ["| model | accuracy | loss | density | step |", "|---|---|---|---|---|"]
+    for label, r in summary["results"].items():
+        name = f"final = {summary['final_is']}" if label == "final" else label
+        rows.append(f"| {name} | {100 * r['accuracy']:.2f}% | {r['loss']:.4f} | {r['density']:.4f} | {r['step']} |")
+    return "\n".join(rows)
