@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -49,22 +50,53 @@ CANDIDATES: list[tuple[str, Callable[[], nn.Module]]] = [
 ]
 
 
-def time_steps(model: nn.Module, batch: int, steps: int, warmup: int) -> list[float]:
-    """Seconds per train step (forward, CE loss, backward, SGD momentum step)."""
+def _system_busy_s() -> float | None:
+    """Busy CPU-seconds of the whole machine so far (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(max_wait_s: float, busy_frac: float = 0.15) -> float:
+    """Sleep until other processes use < ``busy_frac`` of all CPUs (1 s samples); returns waited s."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_wait_s:
+        b0, w0 = _system_busy_s(), time.monotonic()
+        time.sleep(1.0)
+        b1 = _system_busy_s()
+        if b0 is None or b1 is None or (b1 - b0) / ((time.monotonic() - w0) * os.cpu_count()) < busy_frac:
+            break
+    return time.monotonic() - t0
+
+
+def time_steps(model: nn.Module, batch: int, steps: int, warmup: int) -> tuple[list[float], float, float]:
+    """Per-step wall seconds (fwd, CE loss, bwd, SGD-momentum step), own CPU s/step, foreign load.
+
+    Foreign load = share of all CPUs used by *other* processes while timing (contention check).
+    """
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
-    times = []
+    times: list[float] = []
     for i in range(warmup + steps):
+        if i == warmup:
+            cpu0, sys0, wall0 = time.process_time(), _system_busy_s(), time.perf_counter()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times
+    own = time.process_time() - cpu0
+    sys1, wall = _system_busy_s(), time.perf_counter() - wall0
+    foreign = max(0.0, (sys1 - sys0 - own) / (wall * os.cpu_count())) if sys0 is not None and sys1 is not None else float("nan")
+    return times, own / steps, foreign
 
 
 def main() -> None:
@@ -75,6 +107,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=10_000, help="for the per-epoch estimate")
     parser.add_argument("--only", default="", help="substring filter on candidate labels")
+    parser.add_argument("--wait-quiet", type=float, default=0.0,
+                        help="before each model wait up to this many s for other processes to go idle")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.manual_seed(0)
@@ -84,20 +118,23 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, "
           f"32x32, fp32, median of {args.steps} after {args.warmup} warm-up; "
           f"epoch = {steps_per_epoch} steps ({args.train_images} imgs)\n")
-    print("| model | params (M) | step ms (median) | min-max ms | img/s | s/epoch (train) | min for 12 ep |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | params (M) | step ms median | step ms min | own CPU ms/step | foreign load | "
+          "s/epoch (median) | min for 12 ep (median / min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, make in CANDIDATES:
         if args.only and args.only not in label:
             continue
+        if args.wait_quiet:
+            waited = wait_until_quiet(args.wait_quiet)
+            _LOG.warning("%s: waited %.0f s for a quiet machine", label, waited)
         model = make()
         n_params = sum(p.numel() for p in model.parameters())
-        ts = time_steps(model, args.batch, args.steps, args.warmup)
-        med = statistics.median(ts)
-        epoch_s = med * steps_per_epoch
-        print(f"| {label} | {n_params / 1e6:.2f} | {med * 1e3:.0f} | {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f} "
-              f"| {args.batch / med:.0f} | {epoch_s:.0f} | {12 * epoch_s / 60:.1f} |", flush=True)
+        ts, cpu_s, foreign = time_steps(model, args.batch, args.steps, args.warmup)
+        med, best = statistics.median(ts), min(ts)
+        print(f"| {label} | {n_params / 1e6:.2f} | {med * 1e3:.0f} | {best * 1e3:.0f} | {cpu_s * 1e3:.0f} "
+              f"| {foreign:.0%} | {med * steps_per_epoch:.0f} | {12 * med * steps_per_epoch / 60:.1f} / "
+              f"{12 * best * steps_per_epoch / 60:.1f} |", flush=True)
         del model
-
 
 if __name__ == "__main__":
     main()

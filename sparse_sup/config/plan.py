@@ -55,8 +55,9 @@ def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
         cycle_steps = round(t.cycles_fraction * total / t.num_cycles)
     if t.num_cycles and cycle_steps < 2:
         raise ValueError(
-            f"tickets: a cycle of {cycle_steps} optimizer steps is too short (need >= 2); "
-            "raise tickets.cycle_epochs / tickets.cycles_fraction or schedule.epochs"
+            f"tickets.num_cycles={t.num_cycles} gives cycles of {cycle_steps} optimizer steps, too short "
+            "(need >= 2); use fewer cycles or raise tickets.cycle_epochs / tickets.cycles_fraction or "
+            "schedule.epochs"
         )
     if t.num_cycles * cycle_steps >= total:
         raise ValueError(

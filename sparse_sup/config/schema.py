@@ -48,13 +48,18 @@ class DataConfig:
     style: str = "cifar"  # augmentation family: cifar (crop+flip, <=64px) or imagenet (224px)
     image_size: int = 32
     num_workers: int = 0
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # also the batch size of BN recalibration
+    max_train_samples: int | None = None  # use only the first N (smoke tests, debugging)
+    max_eval_samples: int | None = None
 
     def __post_init__(self) -> None:
         _choice("data.style", self.style, ("cifar", "imagenet"))
         _check(self.image_size > 0, "data.image_size", self.image_size, "a positive integer")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         _check(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive integer")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"data.{key}", value, "null or a positive integer")
 
 
 @dataclass(kw_only=True)

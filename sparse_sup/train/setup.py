@@ -56,6 +56,11 @@ def prepare(config: Config) -> Prepared:
     check_run_dir(run_dir, config.experiment.overwrite)
     d = config.data
     splits = load_split_datasets(d.source, d.image_column, d.label_column, d.train_split, d.eval_split)
+    train_hf, eval_hf = splits.train, splits.eval
+    if d.max_train_samples:
+        train_hf = train_hf.select(range(min(d.max_train_samples, len(train_hf))))
+    if d.max_eval_samples:
+        eval_hf = eval_hf.select(range(min(d.max_eval_samples, len(eval_hf))))
     num_classes = config.model.num_classes or splits.num_classes
     if num_classes < splits.num_classes:
         raise ValueError(
@@ -69,12 +74,12 @@ def prepare(config: Config) -> Prepared:
         raise ValueError("no parameter is sparsified: check sparse.include / sparse.exclude")
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if d.style == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
     common = dict(seed=config.experiment.seed, style=d.style, image_size=d.image_size, mean=mean, std=std)
-    train_set = ImageClassificationDataset(splits.train, train=True, **common)
-    eval_set = ImageClassificationDataset(splits.eval, train=False, **common)
+    train_set = ImageClassificationDataset(train_hf, train=True, **common)
+    eval_set = ImageClassificationDataset(eval_hf, train=False, **common)
     if train_set.in_memory:
         bn_set = copy.copy(train_set)  # shares the decoded images; no augmentation
         bn_set.train = False
     else:
-        bn_set = ImageClassificationDataset(splits.train, train=False, **common)
+        bn_set = ImageClassificationDataset(train_hf, train=False, **common)
     plan = resolve_plan(config, len(train_set))
     return Prepared(config, model, target_names, train_set, eval_set, bn_set, plan, run_dir, splits.class_names)
