@@ -103,6 +103,12 @@ class SupTicketsEngine:
         """k = floor(d_final * N), the number of target weights S keeps."""
         return math.floor(self.sparse.density * self.total_target_weights)
 
+    def chain_density(self) -> float:
+        """Density of S's target masks (global: local counts all-reduced over the shard group)."""
+        kept = torch.stack([m.sum() for m in self.chain.masks.values()]).sum().to(torch.int64).reshape(1)
+        self.backend.shard.all_reduce_sum(kept)
+        return int(kept) / self.total_target_weights
+
     # ---- schedules ----------------------------------------------------------------------
     def lr(self, step: int | None = None) -> float:
         """LR for the optimizer step taken after ``step`` completed steps (default: now)."""

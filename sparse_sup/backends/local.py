@@ -46,3 +46,9 @@ class LocalBackend:
         """Every parameter and buffer (detached views), in state_dict order."""
         items = [(normalize_name(n), t.detach()) for n, t in self.model.state_dict(keep_vars=True).items()]
         return [n for n, _ in items], [t for _, t in items]
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return {normalize_name(k): v for k, v in self.model.state_dict().items()}
+
+    def full_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return masks

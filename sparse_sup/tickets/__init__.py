@@ -1,6 +1,6 @@
 """Cheap tickets: the superposition side chain, global re-prune and BatchNorm recalibration."""
 
-from .batchnorm import recalibrate_batchnorm
+from .batchnorm import Discard, recalibrate_batchnorm
 from .superpose import MERGE_RULES, SuperpositionChain
 
-__all__ = ["MERGE_RULES", "SuperpositionChain", "recalibrate_batchnorm"]
+__all__ = ["Discard", "MERGE_RULES", "SuperpositionChain", "recalibrate_batchnorm"]

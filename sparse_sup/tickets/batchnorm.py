@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -19,16 +20,23 @@ from ..core.collectives import LOCAL, Collectives
 log = logging.getLogger(__name__)
 
 
+class Discard(NamedTuple):
+    """A batch to run forward without counting it: keeps ranks in lockstep when the forward is
+    collective (FSDP2 all-gathers) and one rank has fewer real batches than another."""
+
+    input: torch.Tensor
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: torch.nn.Module,
-    batches: Iterable[torch.Tensor | None],
+    batches: Iterable[torch.Tensor | Discard],
     collectives: Collectives = LOCAL,
     forward: Callable[[torch.Tensor], object] | None = None,
 ) -> int:
     """Recompute every BN layer's running statistics from ``batches`` (inputs only).
 
-    ``None`` batches are skipped. Collective: one all-reduce over ``collectives``.
+    ``Discard`` batches run forward but are not counted. Collective: one all-reduce over ``collectives``.
     Returns the number of BN layers recalibrated (0: the model has none, nothing is done).
     """
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
@@ -42,7 +50,11 @@ def recalibrate_batchnorm(
         for m in layers
     }
 
+    counting = [True]
+
     def hook(module: _BatchNorm, args: tuple) -> None:
+        if not counting[0]:
+            return
         x = args[0].detach().to(torch.float64)
         dims = [d for d in range(x.dim()) if d != 1]
         count = x.new_tensor([x.numel() / x.shape[1]])
@@ -54,9 +66,9 @@ def recalibrate_batchnorm(
     num_batches = 0
     try:
         for batch in batches:
-            if batch is not None:
-                forward(batch)
-                num_batches += 1
+            counting[0] = not isinstance(batch, Discard)
+            forward(batch.input if isinstance(batch, Discard) else batch)
+            num_batches += counting[0]
     finally:
         for h in handles:
             h.remove()

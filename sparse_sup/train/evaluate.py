@@ -56,7 +56,9 @@ def recalibration_batches(dataset, batch_size: int, num_batches: int | None, see
                           lockstep: bool = False):
     """Training images (no augmentation) for BN recalibration, in batches whose content does not
     depend on the world size: batch j holds a fixed seeded slice and goes to rank j mod W.
-    With ``lockstep`` every rank yields the same number of items (``None`` = nothing to add)."""
+    With ``lockstep`` every rank yields the same number of items (``Discard``: forward only)."""
+    from ..tickets import Discard
+
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     total = len(dataset) // batch_size
     if num_batches is not None:
@@ -65,9 +67,7 @@ def recalibration_batches(dataset, batch_size: int, num_batches: int | None, see
     mine = list(range(rank, total, world))
     rounds = -(-total // world) if lockstep else len(mine)
     for i in range(rounds):
-        if i >= len(mine):
-            yield None
-            continue
-        j = mine[i]
+        j = mine[i] if i < len(mine) else 0
         keys = [(0, int(k)) for k in order[j * batch_size:(j + 1) * batch_size]]
-        yield dataset.get_batch(keys)[0].to(device, dtype)
+        images = dataset.get_batch(keys)[0].to(device, dtype)
+        yield images if i < len(mine) else Discard(images)

@@ -14,10 +14,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..backends import LocalBackend
+from ..backends.buffers import sync_buffers
 from ..backends.collectives import data_parallel_collectives
+from ..backends.detect import accelerate_shards_model, detect_parallelism
+from ..backends.fsdp2 import FSDP2Backend, fsdp2_shard_model
 from ..checkpoint import export_safetensors, save_model_snapshot
 from ..config import config_to_dict
-from ..core.names import normalize_name
 from ..data import GlobalBatchSampler, make_loader
 from ..engine import EngineHooks, SupTicketsEngine
 from ..tickets import recalibrate_batchnorm
@@ -45,8 +47,11 @@ class LoopHooks(EngineHooks):
         self.run.recalibrate_bn()
 
     def on_superposed(self, engine: SupTicketsEngine, index: int) -> None:
-        masks = engine.chain.masks or engine.masks.masks
-        self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt", masks=masks)
+        if engine.chain.masks:  # re-pruned S
+            self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt",
+                            masks=engine.chain.masks, density=engine.chain_density())
+        else:  # re-prune deferred to the end: S_i is the union of the tickets' supports
+            self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt")
 
     def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
         counts = engine.masks.counts
@@ -78,13 +83,21 @@ class Run:
         setup_logging(self.accelerator.process_index, self.run_dir / "train.log")
         log.info("run directory: %s", self.run_dir)
         log.info("plan: %s", self.p.plan.describe())
+        self.parallelism = detect_parallelism(self.accelerator)
+        log.info("parallelism: %s over %d process(es)", self.parallelism, self.accelerator.num_processes)
         model = self.p.model
-        if c.train.compile:
-            model = torch.compile(model)
-        optimizer = build_optimizer(model, c.optim)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.parallelism == "fsdp2" and not accelerate_shards_model(self.accelerator):
+            fsdp2_shard_model(model)  # Accelerate ignores its FSDP plugin on CPU: shard here
+            self.model, self.optimizer = model, self.accelerator.prepare(build_optimizer(model, c.optim))
+        else:
+            if c.train.compile:
+                model = torch.compile(model)
+            self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, c.optim))
         self.module = self.accelerator.unwrap_model(self.model)
-        self.backend = LocalBackend(self.model, self.optimizer, self.p.target_names, self.dp)
+        if self.parallelism == "fsdp2":
+            self.backend = FSDP2Backend(self.model, self.optimizer, self.p.target_names)
+        else:
+            self.backend = LocalBackend(self.model, self.optimizer, self.p.target_names, self.dp)
         self.engine = SupTicketsEngine(
             sparse=c.sparse, tickets=c.tickets, schedule=c.schedule, base_lr=c.optim.lr, plan=self.p.plan,
             backend=self.backend, seed=c.experiment.seed, hooks=LoopHooks(self),
@@ -99,36 +112,42 @@ class Run:
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
+    @property
+    def lockstep(self) -> bool:
+        """FSDP2 forwards are collective: every rank must run the same number of them."""
+        return self.parallelism == "fsdp2"
+
     def evaluate(self) -> dict[str, float]:
         d = self.config.data
+        sync_buffers(self.module, self.dp)  # BN buffers identical on every rank before evaluating
         return evaluate(self.module, self.p.eval_set, d.eval_batch_size, self.dp, self.accelerator.device,
-                        d.num_workers)
+                        d.num_workers, lockstep=self.lockstep)
 
     def recalibrate_bn(self) -> None:
         t, d = self.config.tickets, self.config.data
         batches = recalibration_batches(self.p.bn_set, d.eval_batch_size, t.bn_recal_batches,
                                         self.config.experiment.seed, self.dp, self.accelerator.device,
-                                        self.dtype)
+                                        self.dtype, lockstep=self.lockstep)
         recalibrate_batchnorm(self.module, batches, self.dp)
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        return {normalize_name(k): v for k, v in self.module.state_dict().items()}
+        """Whole tensors (collective under FSDP2: every rank must call it)."""
+        return self.backend.full_state()
 
     def record(self, label: str, engine: SupTicketsEngine, snapshot: str | None = None,
-               masks: dict | None = None) -> None:
+               masks: dict | None = None, density: float | None = None) -> None:
         result = self.evaluate()
-        result.update(step=engine.step, density=engine.masks.density(engine.targets))
-        if masks is not None:
-            kept = sum(int(m.sum()) for m in masks.values())
-            result["density"] = kept / engine.total_target_weights
+        result.update(step=engine.step, density=engine.masks.density(engine.targets) if density is None else density)
         self.results[label] = result
         log.info("%s: accuracy %.2f%%, loss %.4f (step %d, density %.4f)", label, 100 * result["accuracy"],
                  result["loss"], engine.step, result["density"])
         self.metrics.write(event="eval", label=label, **result)
-        if snapshot and self.config.train.save_tickets and self.is_main:
-            save_model_snapshot(self.run_dir / "tickets" / snapshot, self.model_state(),
-                                masks if masks is not None else engine.masks.masks,
-                                {"label": label, "step": engine.step, **result})
+        if snapshot and self.config.train.save_tickets:
+            state = self.model_state()
+            full_masks = self.backend.full_masks(masks if masks is not None else engine.masks.masks)
+            if self.is_main:
+                save_model_snapshot(self.run_dir / "tickets" / snapshot, state, full_masks,
+                                    {"label": label, "step": engine.step, **result})
 
     # ---- training ------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -187,7 +206,10 @@ class Run:
             images, labels = next(micro)
             images, labels = images.to(acc.device), labels.to(acc.device)
             sync = a == accum - 1
-            with acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext():
+            if self.parallelism == "fsdp2":
+                self.model.set_requires_gradient_sync(sync)
+            no_sync = not sync and self.parallelism == "ddp"
+            with acc.no_sync(self.model) if no_sync else nullcontext():
                 with acc.autocast():
                     logits = self.model(images)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=c.optim.label_smoothing)
@@ -236,13 +258,16 @@ class Run:
             "method": self.config.sparse.method,
             "density": self.config.sparse.density,
             "world_size": self.accelerator.num_processes,
+            "parallelism": self.parallelism,
         }
+        state = self.model_state()
+        full_masks = self.backend.full_masks(engine.masks.masks)
         if self.is_main:
             meta = {"model": self.config.model.name, "num_classes": self.config.model.num_classes,
                     "cifar_stem": self.config.model.cifar_stem, "density": final["density"]}
-            export_safetensors(self.run_dir / "final" / "model.safetensors", self.model_state(), meta)
-            save_model_snapshot(self.run_dir / "final" / "model_and_masks.pt", self.model_state(),
-                                engine.masks.masks, {"label": label, **final})
+            export_safetensors(self.run_dir / "final" / "model.safetensors", state, meta)
+            save_model_snapshot(self.run_dir / "final" / "model_and_masks.pt", state, full_masks,
+                                {"label": label, **final})
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

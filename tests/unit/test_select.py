@@ -17,6 +17,15 @@ from sparse_sup.core.select import Piece, key_bits, ordered_keys, top_k_masks
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Selection runs many tiny kernels: intra-op threads only add wake-up latency here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- reference ---------------------------------------------------------------------------------
 def reference_mask(values: torch.Tensor, k: int, largest: bool = True,
                    eligible: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""FSDP2 (``fully_shard``): parameters are DTensors sharded on dim 0; each rank holds a contiguous
+run of rows of every weight. Targets, masks, gradient scores and the superposition side chain are
+the *local shards* (plain tensors aliasing FSDP's storage), so a topology update or a re-prune
+costs O(local shard) memory; selection all-reduces count histograms over the FSDP mesh.
+
+Placement contract: ``Target.param`` = ``p.to_local()`` (rows [r0, r1) of the full weight),
+``offset`` = r0 * row_numel from DTensor's own layout; gradients and optimizer state are the local
+shards of their DTensors. BN buffers are replicated, so ``sync_buffers`` averages them over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from ..core.collectives import Collectives
+from ..core.names import normalize_name
+from ..core.targets import Target
+from .collectives import ProcessGroupCollectives
+from .local import unwrap_optimizer
+
+BLOCK_CLASS_NAMES = ("BasicBlock", "Bottleneck", "Block", "ResidualBlock")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def fsdp2_flat_offset(p: torch.Tensor) -> int:
+    """Global row-major flat index of the first element of this rank's shard of ``p``."""
+    if not isinstance(p, DTensor):
+        return 0
+    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    strides = torch.empty(p.shape, device="meta").stride()
+    return sum(o * s for o, s in zip(global_offset, strides))
+
+
+def fsdp2_shard_model(model: torch.nn.Module, mesh=None, mp_policy=None) -> torch.nn.Module:
+    """Apply ``fully_shard`` per residual/transformer block, then to the root (torchtitan-style)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in BLOCK_CLASS_NAMES:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+class FSDP2Backend:
+    """Local shards of a ``fully_shard``-ed model. ``shard`` and ``data_parallel`` are the same
+    group here (pure FSDP: every rank holds different rows and sees different data)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, target_names: list[str],
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.model = model
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.target_names = [normalize_name(n) for n in target_names]
+        self.shard: Collectives = ProcessGroupCollectives(group)
+        self.data_parallel: Collectives = self.shard
+
+    def _target(self, name: str, p: torch.nn.Parameter) -> Target:
+        def grad() -> torch.Tensor | None:
+            return None if p.grad is None else _local(p.grad)
+
+        def states() -> list[torch.Tensor]:
+            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            return [_local(s) for s in state.values() if torch.is_tensor(s) and s.shape == p.shape]
+
+        return Target(name=name, param=_local(p).detach(), shape=tuple(p.shape),
+                      offset=fsdp2_flat_offset(p), grad=grad, optimizer_states=states)
+
+    def targets(self) -> list[Target]:
+        params = {normalize_name(n): p for n, p in self.model.named_parameters()}
+        missing = [n for n in self.target_names if n not in params]
+        if missing:
+            raise KeyError(f"target parameters not found in the sharded model: {missing[:5]}")
+        return [self._target(n, params[n]) for n in self.target_names]
+
+    def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
+        items = [(normalize_name(n), _local(t).detach()) for n, t in self.model.state_dict(keep_vars=True).items()]
+        return [n for n, _ in items], [t for _, t in items]
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Whole tensors of the model state (collective: all-gathers every parameter)."""
+        return {normalize_name(k): v.full_tensor() if isinstance(v, DTensor) else v
+                for k, v in self.model.state_dict().items()}
+
+    def full_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole masks (collective): each local mask is laid out like its parameter's shard."""
+        params = {normalize_name(n): p for n, p in self.model.named_parameters()}
+        full = {}
+        for name, mask in masks.items():
+            p = params[name]
+            as_dtensor = DTensor.from_local(mask.to(torch.uint8), p.device_mesh, p.placements,
+                                            shape=p.shape, stride=p.stride())
+            full[name] = as_dtensor.full_tensor().bool()
+        return full
