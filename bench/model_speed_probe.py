@@ -1,7 +1,10 @@
 """CPU speed probe: fwd+bwd+SGD step time of candidate demo models on CIFAR-sized input.
 
 Usage: python bench/model_speed_probe.py [--threads 2] [--batch 128] [--steps 5] [--warmup 2]
-Prints a markdown table (median step time over ``--steps`` after ``--warmup`` steps).
+                                         [--only SUBSTR] [--wait-quiet SECONDS]
+Prints a markdown table: median and min step time over ``--steps`` after ``--warmup`` steps,
+own CPU time per step and the CPU share other processes used meanwhile ("foreign load";
+anything well above 0% means the wall times are inflated by contention).
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -95,7 +98,9 @@ def time_steps(model: nn.Module, batch: int, steps: int, warmup: int) -> tuple[l
             times.append(time.perf_counter() - t0)
     own = time.process_time() - cpu0
     sys1, wall = _system_busy_s(), time.perf_counter() - wall0
-    foreign = max(0.0, (sys1 - sys0 - own) / (wall * os.cpu_count())) if sys0 is not None and sys1 is not None else float("nan")
+    foreign = float("nan")
+    if sys0 is not None and sys1 is not None:
+        foreign = max(0.0, (sys1 - sys0 - own) / (wall * os.cpu_count()))
     return times, own / steps, foreign
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from torch import nn
 from timm.models.resnet import ResNet
+from torch import nn
 
 __all__ = ["apply_cifar_stem"]
 

@@ -16,7 +16,9 @@ __all__ = ["build_model"]
 
 _LOG = logging.getLogger(__name__)
 
-_RESERVED_KWARGS = ("pretrained", "num_classes", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+_RESERVED_KWARGS = (
+    "pretrained", "num_classes", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+)
 
 
 def _check_known(name: str) -> None:

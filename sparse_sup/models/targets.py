@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
-from typing import Iterable, Sequence
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+# Single source of truth (timm-free, shared with the backends): re-exported here.
+from ..core.names import WRAPPER_COMPONENTS, normalize_name
+
 __all__ = ["WRAPPER_COMPONENTS", "normalize_name", "select_targets"]
 
 _LOG = logging.getLogger(__name__)
-
-#: Name components inserted by DDP/DeepSpeed, torch.compile, FSDP and activation checkpointing.
-WRAPPER_COMPONENTS: frozenset[str] = frozenset(
-    {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
-)
-
-
-def normalize_name(name: str) -> str:
-    """Drop wrapper components (``module``, ``_orig_mod``, ...) wherever they occur.
-
-    ``"module._orig_mod.layer1.0.conv1.weight"`` -> ``"layer1.0.conv1.weight"``.
-    Only whole dot-separated components are removed (``my_module.x`` is kept).
-    """
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
 
 
 def _check_patterns(patterns: Sequence[str] | None, arg: str) -> list[str]:
@@ -85,12 +74,12 @@ def select_targets(
     norms = [normalize_name(n) for n, _ in named]
     for arg, patterns in (("include", inc), ("exclude", exc)):
         for pat in patterns:
-            if not any(_matches(pat, raw, norm) for (raw, _), norm in zip(named, norms)):
+            if not any(_matches(pat, raw, norm) for (raw, _), norm in zip(named, norms, strict=True)):
                 raise _unmatched_error(pat, arg, norms)
 
     default_ids = _default_target_ids(model) if not inc else set()
     targets: list[str] = []
-    for (raw, param), norm in zip(named, norms):
+    for (raw, param), norm in zip(named, norms, strict=True):
         if inc:
             chosen = param.is_floating_point() and any(_matches(p, raw, norm) for p in inc)
         else:

@@ -9,15 +9,16 @@ which is identical at 32x32 and also accepts other input sizes.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
 
 __all__ = ["VGGCifar", "VGG19_CFG"]
 
-VGG19_CFG: tuple[Union[int, str], ...] = (
+VGG19_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
     512, 512, 512, 512, "M", 512, 512, 512, 512,
 )
@@ -28,7 +29,7 @@ class VGGCifar(nn.Module):
 
     def __init__(
         self,
-        cfg: Sequence[Union[int, str]] = VGG19_CFG,
+        cfg: Sequence[int | str] = VGG19_CFG,
         num_classes: int = 10,
         in_chans: int = 3,
         drop_rate: float = 0.0,

@@ -1,0 +1,219 @@
+"""A short Sup-tickets run (topology updates, two cycles, superpositions) on a toy conv+BN net in
+float64, as a single-process reference or under real DDP / FSDP2 process groups (gloo).
+
+    torchrun --nproc_per_node=2 equivalence_worker.py --mode fsdp2 --method rigl --out r.pt
+    python equivalence_worker.py --mode reference --world 2 --method rigl --out ref.pt
+
+The reference processes each rank's slice of every global batch separately (so BatchNorm sees the
+same micro-batches) and sums the gradients / world size, exactly what DDP and FSDP2 compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sparse_sup.backends import LocalBackend  # noqa: E402
+from sparse_sup.config import load_config, resolve_plan  # noqa: E402
+from sparse_sup.core.collectives import LOCAL  # noqa: E402
+from sparse_sup.data import GlobalBatchSampler  # noqa: E402
+from sparse_sup.engine import EngineHooks, SupTicketsEngine  # noqa: E402
+from sparse_sup.tickets import Discard, recalibrate_batchnorm  # noqa: E402
+from sparse_sup.train.evaluate import evaluate  # noqa: E402
+
+NUM_TRAIN, NUM_TEST, BATCH, EVAL_BATCH, BN_BATCH = 48, 37, 12, 5, 8
+TARGETS = ["stem.conv.weight", "body.conv.weight", "head.weight"]
+
+
+class Block(nn.Module):  # the class name makes fsdp2_shard_model shard it separately
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ToyNet(nn.Module):
+    """Row counts 6, 10, 5: uneven shards at world 4 and an empty one (6 rows -> 2,2,2,0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body, self.head = Block(3, 6), Block(6, 10), nn.Linear(10, 5)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+class TensorData:
+    """The minimal dataset interface of sparse_sup.data (in-memory, keyed batches)."""
+
+    in_memory = True
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def get_batch(self, keys):
+        idx = torch.tensor([k for _, k in keys])
+        return self.x[idx], self.y[idx]
+
+
+def make_data():
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(NUM_TRAIN + NUM_TEST, 3, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (NUM_TRAIN + NUM_TEST,), generator=g)
+    return TensorData(x[:NUM_TRAIN], y[:NUM_TRAIN]), TensorData(x[NUM_TRAIN:], y[NUM_TRAIN:])
+
+
+def make_config(method: str):
+    return load_config(None, [
+        f"--sparse.method={method}", "--sparse.density=0.3", "--sparse.update_interval=3",
+        "--sparse.granet_initial_density=0.6", "--sparse.granet_prune_end_epoch=3",
+        f"--schedule.epochs=6", f"--schedule.batch_size={BATCH}", "--schedule.lr_milestones=[0.5]",
+        "--tickets.num_cycles=2", "--tickets.cycles_fraction=0.25", "--tickets.reexplore_fraction=0.5",
+        "--optim.lr=0.1", "--sparse.check_ranks=true",
+    ])
+
+
+class Recorder(EngineHooks):
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def on_topology_update(self, engine, kind, swapped):
+        self.run.events.append((engine.step, kind, self.run.full_masks(engine.masks.masks)))
+
+    def recalibrate_bn(self, engine):
+        self.run.recalibrate()
+
+    def on_superposed(self, engine, index):
+        self.run.superposed.append(
+            {"accuracy": self.run.accuracy(), "state": self.run.full_state(), "step": engine.step})
+
+
+class ToyRun:
+    def __init__(self, mode: str, method: str, world: int) -> None:
+        torch.set_default_dtype(torch.float64)
+        self.mode, self.world = mode, world
+        self.rank = int(os.environ.get("RANK", 0))
+        self.train_data, self.test_data = make_data()
+        torch.manual_seed(0)
+        model = ToyNet()
+        config = make_config(method)
+        self.plan = resolve_plan(config, NUM_TRAIN)
+        if mode == "reference":
+            self.model, self.dp = model, LOCAL
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            backend = LocalBackend(model, self.optimizer, TARGETS)
+            self.module = model
+        else:
+            from sparse_sup.backends.collectives import ProcessGroupCollectives
+
+            self.dp = ProcessGroupCollectives()
+            if mode == "ddp":
+                self.model = nn.parallel.DistributedDataParallel(model)
+                self.module = model
+                self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+                backend = LocalBackend(self.model, self.optimizer, TARGETS, self.dp)
+            else:
+                from sparse_sup.backends.fsdp2 import FSDP2Backend, fsdp2_shard_model
+
+                self.model = self.module = fsdp2_shard_model(model)
+                self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+                backend = FSDP2Backend(self.model, self.optimizer, TARGETS)
+        self.backend = backend
+        self.events, self.superposed = [], []
+        self.engine = SupTicketsEngine(sparse=config.sparse, tickets=config.tickets, schedule=config.schedule,
+                                       base_lr=0.1, plan=self.plan, backend=backend, seed=7, hooks=Recorder(self))
+
+    def full_masks(self, masks):
+        return {k: v.clone() for k, v in self.backend.full_masks(masks).items()}
+
+    def full_state(self):
+        return {k: v.detach().clone() for k, v in self.backend.full_state().items()}
+
+    def accuracy(self):
+        return evaluate(self.module, self.test_data, EVAL_BATCH, self.dp, torch.device("cpu"),
+                        lockstep=self.mode == "fsdp2")
+
+    def recalibrate(self):
+        """Batch j of a fixed order goes to rank j mod W; lockstep padding under FSDP2."""
+        order = torch.arange(NUM_TRAIN)
+        num = NUM_TRAIN // BN_BATCH
+        mine = list(range(self.dp.rank, num, self.dp.world_size))
+        rounds = -(-num // self.dp.world_size) if self.mode == "fsdp2" else len(mine)
+        def batches():
+            for i in range(rounds):
+                j = mine[i] if i < len(mine) else 0
+                x = self.train_data.x[order[j * BN_BATCH:(j + 1) * BN_BATCH]]
+                yield x if i < len(mine) else Discard(x)
+        recalibrate_batchnorm(self.module, batches(), self.dp, forward=self.model)
+
+    def recalibrate_and_evaluate(self):
+        """No training: BN recalibration and evaluation of the initial masked model."""
+        self.engine.init_masks()
+        self.recalibrate()
+        return {"accuracy": self.accuracy(), "state": self.full_state(), "world": self.world}
+
+    def train(self):
+        self.engine.init_masks()
+        self.events.append((0, "init", self.full_masks(self.engine.masks.masks)))
+        sampler = GlobalBatchSampler(NUM_TRAIN, BATCH, 1, 0, 1, seed=3)
+        micro = BATCH // self.world
+        slices = range(self.world) if self.mode == "reference" else [self.rank]
+        while self.engine.step < self.plan.total_steps:
+            epoch, step = divmod(self.engine.step, self.plan.steps_per_epoch)
+            batch = sampler.global_batch(epoch, step)
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.engine.lr()
+            self.optimizer.zero_grad(set_to_none=True)
+            for r in slices:
+                idx = torch.tensor(batch[r * micro:(r + 1) * micro])
+                loss = F.cross_entropy(self.model(self.train_data.x[idx]), self.train_data.y[idx])
+                (loss / len(slices)).backward()
+            self.engine.before_optimizer_step()
+            self.optimizer.step()
+            self.engine.after_optimizer_step()
+        return {"events": self.events, "superposed": self.superposed, "final": self.full_state(),
+                "step": self.engine.step, "world": self.world}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["reference", "ddp", "fsdp2"], required=True)
+    parser.add_argument("--method", default="rigl")
+    parser.add_argument("--world", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--bn-eval", action="store_true", help="only recalibrate BN and evaluate")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.mode == "reference":
+        run = ToyRun("reference", args.method, args.world)
+        torch.save(run.recalibrate_and_evaluate() if args.bn_eval else run.train(), args.out)
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    run = ToyRun(args.mode, args.method, dist.get_world_size())
+    result = run.recalibrate_and_evaluate() if args.bn_eval else run.train()
+    if dist.get_rank() == 0:
+        torch.save(result, args.out)
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo workers can abort at interpreter exit otherwise (PLATFORM.md)
+
+
+if __name__ == "__main__":
+    main()
