@@ -4,6 +4,7 @@ schedules (phases, triangle LR, GraNet cubic density, drop fraction) and plan/co
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -37,11 +38,12 @@ def test_erk_total_close_to_target(density: float) -> None:
     counts = layer_counts(SHAPES, density, "erk")
     total = sum(math.prod(s) for s in SHAPES)
     assert abs(sum(counts) - density * total) <= len(SHAPES)  # one rounding per layer at most
-    for c, s in zip(counts, SHAPES):
+    for c, s in zip(counts, SHAPES, strict=True):
         assert 1 <= c <= math.prod(s)
     # the float densities themselves add up exactly (up to float error)
     d = erk_densities(SHAPES, density)
-    assert sum(di * math.prod(s) for di, s in zip(d, SHAPES)) == pytest.approx(density * total, rel=1e-9)
+    kept = sum(di * math.prod(s) for di, s in zip(d, SHAPES, strict=True))
+    assert kept == pytest.approx(density * total, rel=1e-9)
 
 
 @pytest.mark.parametrize("density", DENSITIES)
@@ -202,8 +204,8 @@ def test_triangle_lr(cycle_steps: int) -> None:
         assert max(lrs) < high
     # rises to the middle, then falls
     peak = lrs.index(max(lrs))
-    assert all(a <= b for a, b in zip(lrs[: peak + 1], lrs[1 : peak + 1]))
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+    assert all(a <= b for a, b in pairwise(lrs[: peak + 1]))
+    assert all(a >= b for a, b in pairwise(lrs[peak:]))
 
 
 def test_triangle_lr_over_cycles_of_a_plan() -> None:
@@ -241,7 +243,7 @@ def test_granet_density_cubic() -> None:
         assert granet_density(step, **kw) == pytest.approx(0.1 + 0.4 * (1 - progress) ** 3, rel=1e-12)
     assert granet_density(30, **kw) == pytest.approx(0.1 + 0.4 / 8)
     values = [granet_density(s, **kw) for s in range(60)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in pairwise(values))
     # degenerate window: a step change at start
     assert granet_density(4, initial=0.5, final=0.1, start=5, end=5) == 0.5
     assert granet_density(5, initial=0.5, final=0.1, start=5, end=5) == 0.1
@@ -262,7 +264,8 @@ def test_drop_fraction_schedules() -> None:
 def test_resolve_plan_values() -> None:
     cfg = load_config(None, [
         "--schedule.epochs=10", "--schedule.batch_size=16", "--tickets.num_cycles=2",
-        "--tickets.cycle_epochs=1.5", "--tickets.cycles_fraction=null", "--sparse.method=granet", "--sparse.granet_prune_start_epoch=1",
+        "--tickets.cycle_epochs=1.5", "--tickets.cycles_fraction=null", "--sparse.method=granet",
+        "--sparse.granet_prune_start_epoch=1",
         "--sparse.granet_prune_end_epoch=4", "--schedule.warmup_epochs=0.5",
     ])
     plan = resolve_plan(cfg, 165)  # 10 steps per epoch (the remainder is dropped)
@@ -319,4 +322,5 @@ def test_unknown_key_lists_allowed_keys() -> None:
 
 def test_granet_initial_density_below_final_raises() -> None:
     with pytest.raises(ValueError, match="sparse.granet_initial_density"):
-        load_config(None, ["--sparse.method=granet", "--sparse.density=0.5", "--sparse.granet_initial_density=0.2"])
+        load_config(None, ["--sparse.method=granet", "--sparse.density=0.5",
+                           "--sparse.granet_initial_density=0.2"])

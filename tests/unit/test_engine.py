@@ -74,7 +74,8 @@ MLP_SAMPLES = 160
 
 def mlp_data(dtype: torch.dtype = torch.float64):
     g = torch.Generator().manual_seed(42)
-    return torch.randn(MLP_SAMPLES, 10, generator=g).to(dtype), torch.randint(0, 5, (MLP_SAMPLES,), generator=g)
+    x = torch.randn(MLP_SAMPLES, 10, generator=g).to(dtype)
+    return x, torch.randint(0, 5, (MLP_SAMPLES,), generator=g)
 
 
 # --- (a) gradient accumulation ------------------------------------------------------------------
@@ -111,12 +112,12 @@ def test_gradient_accumulation_matches_full_batch() -> None:
         assert e_full.lr() == e_acc.lr()
         assert e_full.phase() == e_acc.phase()
         assert same_masks(masks_of(e_full), masks_of(e_acc)), step
-        for p, q in zip(m_full.parameters(), m_acc.parameters()):
+        for p, q in zip(m_full.parameters(), m_acc.parameters(), strict=True):
             assert torch.allclose(p, q, rtol=0, atol=1e-10), step
     assert [(k, s) for k, s, _ in log_full.updates] == [(k, s) for k, s, _ in log_acc.updates]
     kinds = {k for k, _, _ in log_full.updates}
     assert kinds == {"update", "reexplore"}
-    for (_, _, a), (_, _, b) in zip(log_full.updates, log_acc.updates):
+    for (_, _, a), (_, _, b) in zip(log_full.updates, log_acc.updates, strict=True):
         assert same_masks(a, b)
     # the topology really moved
     assert not same_masks(log_full.updates[0][2], log_full.updates[-1][2])
@@ -146,7 +147,7 @@ def _train_mlp(skip_at: set[int]) -> tuple[nn.Module, SupTicketsEngine, list]:
             assert engine.step == before[0]
             assert engine.lr() == before[1] and engine.phase() == before[2]
             assert same_masks(masks_of(engine), before[3])
-            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before[4]))
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before[4], strict=True))
             continue
         i = (step * 32) % MLP_SAMPLES
         opt.zero_grad()
@@ -165,10 +166,10 @@ def test_skipped_step_changes_nothing() -> None:
     _, e_ref, h_ref = _train_mlp(set())
     _, e_skip, h_skip = _train_mlp({0, 4, 19, 24})
     assert len(h_ref) == len(h_skip) == 30
-    for (s1, lr1, m1, p1), (s2, lr2, m2, p2) in zip(h_ref, h_skip):
+    for (s1, lr1, m1, p1), (s2, lr2, m2, p2) in zip(h_ref, h_skip, strict=True):
         assert s1 == s2 and lr1 == lr2
         assert same_masks(m1, m2), s1
-        assert all(torch.equal(a, b) for a, b in zip(p1, p2)), s1
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True)), s1
     assert e_ref.num_tickets == e_skip.num_tickets == 2
 
 
@@ -230,7 +231,8 @@ def test_same_seed_same_masks_after_full_run(method: str) -> None:
     assert e1.num_tickets == 2 and e1.step == e1.plan.total_steps == 60
     assert same_masks(masks_of(e1), masks_of(e2))
     assert e1.masks.checksum(e1.targets) == e2.masks.checksum(e2.targets)
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert not same_masks(masks_of(e1), masks_of(e3))
 
 
@@ -251,7 +253,8 @@ class Timeline(EngineHooks):
         self.snap_p = self._state()
 
     def on_ticket(self, engine, index) -> None:
-        self.events.append(("T", engine.step, index, engine.lr(engine.step - 1), self.opt.param_groups[0]["lr"]))
+        lr_used = self.opt.param_groups[0]["lr"]  # set before the step that ended the cycle
+        self.events.append(("T", engine.step, index, engine.lr(engine.step - 1), lr_used))
         self.snap_t.append(self._state())
         for n in CNN_NAMES:  # a ticket obeys its masks
             assert bool((self.model.get_parameter(n)[~engine.masks.masks[n]] == 0).all())
@@ -355,7 +358,8 @@ def test_compiled_model_same_masks_as_eager() -> None:
     for module, params in ((eager, eager.parameters()), (compiled, base.parameters())):
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         log = UpdateLog()
-        runs.append((module, opt, make_engine(overrides, module, opt, MLP_NAMES, 16, hooks=log, base_lr=0.05), log))
+        engine = make_engine(overrides, module, opt, MLP_NAMES, 16, hooks=log, base_lr=0.05)
+        runs.append((module, opt, engine, log))
     (_, _, e_eager, log_eager), (_, _, e_comp, log_comp) = runs
     # names are normalised: the targets alias the compiled module's parameters
     assert [t.name for t in e_comp.targets] == MLP_NAMES
@@ -372,7 +376,7 @@ def test_compiled_model_same_masks_as_eager() -> None:
             opt.step()
             engine.after_optimizer_step()
         assert same_masks(masks_of(e_eager), masks_of(e_comp)), e_eager.step
-        for p, q in zip(eager.parameters(), base.parameters()):
+        for p, q in zip(eager.parameters(), base.parameters(), strict=True):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
     assert [(k, s) for k, s, _ in log_comp.updates] == [("update", 5), ("update", 10)]
     assert [(k, s) for k, s, _ in log_eager.updates] == [("update", 5), ("update", 10)]

@@ -122,7 +122,7 @@ def test_drop_and_grow_invariants_over_20_updates(grow: str, opt_kind: str) -> N
             assert bool((t.param[grown] == 0).all())
             assert torch.equal(t.param[kept], old_w[n][kept])
             # optimizer state: zero outside and where regrown, untouched where kept
-            for s, s_old in zip(shaped_states(opt, params[n]), old_s[n]):
+            for s, s_old in zip(shaped_states(opt, params[n]), old_s[n], strict=True):
                 assert bool((s[~m] == 0).all()) and bool((s[grown] == 0).all())
                 assert torch.equal(s[kept], s_old[kept])
             # the mask tensors are updated in place
@@ -136,7 +136,8 @@ def test_drop_breaks_magnitude_ties_to_lowest_index() -> None:
     g = torch.Generator().manual_seed(3)
     for t in targets:
         # |w| in {1, 2, 3} with random signs: lots of exact ties
-        values = torch.randint(1, 4, t.shape, generator=g).float() * (torch.randint(0, 2, t.shape, generator=g) * 2 - 1)
+        sign = torch.randint(0, 2, t.shape, generator=g) * 2 - 1
+        values = torch.randint(1, 4, t.shape, generator=g).float() * sign
         t.param.copy_(values * state.masks[t.name])
     old = {t.name: state.masks[t.name].clone() for t in targets}
     old_w = {t.name: t.param.clone() for t in targets}

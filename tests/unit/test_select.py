@@ -61,7 +61,7 @@ def select_split(values: torch.Tensor, k: int, parts: int, rng: random.Random, l
         rng.shuffle(order)
     masks = top_k_masks([pieces[i] for i in order], [k], largest=largest)
     full = torch.zeros(flat.numel(), dtype=torch.bool)
-    for i, m in zip(order, masks):
+    for i, m in zip(order, masks, strict=True):
         p = pieces[i]
         assert m.dtype == torch.bool and m.shape == p.scores.shape
         full[p.offset - base : p.offset - base + m.numel()] = m
@@ -118,7 +118,8 @@ def test_matches_stable_sort_reference(dtype: torch.dtype, largest: bool, kind: 
         values = sign * 0.0
         values[::17] = 1.0
         values[5::23] = -1.0
-        assert bool((torch.signbit(values) & (values == 0)).any()) and bool(((~torch.signbit(values)) & (values == 0)).any())
+        zero = values == 0
+        assert bool((torch.signbit(values) & zero).any()) and bool((~torch.signbit(values) & zero).any())
     else:
         values = torch.randint(-2, 3, (n,), generator=g).to(dtype)
         values[::11] = float("inf")
@@ -139,7 +140,8 @@ def test_signed_zeros_tie_to_lowest_index() -> None:
     # +0.0 and -0.0 are equal scores: the lowest indices win, whatever the sign bit
     values = torch.tensor([-0.0, 0.0, -0.0, 0.0, -0.0, 1.0])
     assert top_k_masks([Piece(values, 0, 0)], [3])[0].tolist() == [True, True, False, False, False, True]
-    assert top_k_masks([Piece(values, 0, 0)], [2], largest=False)[0].tolist() == [True, True, False, False, False, False]
+    smallest = top_k_masks([Piece(values, 0, 0)], [2], largest=False)[0]
+    assert smallest.tolist() == [True, True, False, False, False, False]
     values = torch.tensor([0.0, -0.0, 0.0, -0.0])
     for k in range(5):
         got = top_k_masks([Piece(values, 0, 0)], [k], largest=False)[0]
@@ -191,7 +193,8 @@ def test_eligible_masks(dtype: torch.dtype, largest: bool) -> None:
 def test_zero_size_pieces() -> None:
     empty = torch.zeros(0)
     values = torch.tensor([3.0, 1.0, 2.0])
-    masks = top_k_masks([Piece(empty, 0, 0), Piece(values, 0, 0), Piece(empty, 0, 3), Piece(empty, 1, 0)], [2, 0])
+    pieces = [Piece(empty, 0, 0), Piece(values, 0, 0), Piece(empty, 0, 3), Piece(empty, 1, 0)]
+    masks = top_k_masks(pieces, [2, 0])
     assert [m.numel() for m in masks] == [0, 3, 0, 0]
     assert masks[1].tolist() == [True, False, True]
     # a group made only of empty pieces with k = 0
@@ -214,21 +217,21 @@ def test_multiple_groups_in_one_call(largest: bool) -> None:
     eligibles = [None, None, None, torch.arange(64) % 3 != 0, None]
     ks = [0, 500, 3, 20, 13]
     pieces = []
-    for gi, (v, e) in enumerate(zip(groups, eligibles)):
+    for gi, (v, e) in enumerate(zip(groups, eligibles, strict=True)):
         flat, ef = v.reshape(-1), None if e is None else e.reshape(-1)
         for a, b in split_points(flat.numel(), rng.randint(1, 4), rng):
             pieces.append(Piece(flat[a:b], gi, a, None if ef is None else ef[a:b]))
     rng.shuffle(pieces)
     masks = top_k_masks(pieces, ks, largest=largest)
-    for gi, (v, e, k) in enumerate(zip(groups, eligibles, ks)):
+    for gi, (v, e, k) in enumerate(zip(groups, eligibles, ks, strict=True)):
         full = torch.zeros(v.numel(), dtype=torch.bool)
-        for p, m in zip(pieces, masks):
+        for p, m in zip(pieces, masks, strict=True):
             if p.group == gi:
                 full[p.offset : p.offset + m.numel()] = m
         assert int(full.sum()) == k
         assert torch.equal(full, reference_mask(v.reshape(-1), k, largest, e)), gi
     # each group alone gives the same answer as in the joint call
-    for gi, (v, e, k) in enumerate(zip(groups, eligibles, ks)):
+    for v, e, k in zip(groups, eligibles, ks, strict=True):
         alone = top_k_masks([Piece(v, 0, 0, e)], [k], largest=largest)[0]
         assert torch.equal(alone.reshape(-1), reference_mask(v.reshape(-1), k, largest, e))
 
@@ -275,7 +278,8 @@ def test_randomized_against_reference() -> None:
         n_elig = n if eligible is None else int(eligible.sum())
         k = rng.randint(0, n_elig)
         largest = rng.random() < 0.5
-        got = select_split(values, k, rng.randint(1, 6), rng, largest, eligible, base=rng.choice([0, 99, 2**33]))
+        base = rng.choice([0, 99, 2**33])
+        got = select_split(values, k, rng.randint(1, 6), rng, largest, eligible, base=base)
         assert torch.equal(got, reference_mask(values, k, largest, eligible))
 
 

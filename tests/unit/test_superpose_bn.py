@@ -32,7 +32,7 @@ def model_tensors(values: dict[str, list]) -> list[torch.Tensor]:
 
 
 def targets_for(tensors: list[torch.Tensor]) -> list[Target]:
-    by_name = dict(zip(NAMES, tensors))
+    by_name = dict(zip(NAMES, tensors, strict=True))
     return [Target(name=n, param=by_name[n], shape=tuple(by_name[n].shape)) for n in TARGET_NAMES]
 
 
@@ -80,8 +80,8 @@ def _designed_models() -> list[dict[str, list]]:
             models[m][i] = Fraction(sign[i] * (1 if i in kept_after_1 else m + 1))
     out = []
     for m, v in enumerate(models):
-        out.append({"a.weight": v[:12], "b.weight": v[12:], "a.bias": [Fraction(m * 3 + j, 4) for j in range(3)],
-                    "counter": 10 + m})
+        bias = [Fraction(m * 3 + j, 4) for j in range(3)]
+        out.append({"a.weight": v[:12], "b.weight": v[12:], "a.bias": bias, "counter": 10 + m})
     return out
 
 
@@ -97,18 +97,19 @@ def test_caa_with_reprune_matches_hand_recursion_with_ties() -> None:
     hand = {k: (list(v) if isinstance(v, list) else v) for k, v in models[0].items()}
     ties_seen = 0
     for i in (1, 2, 3):
-        for t, new in zip(live, model_tensors(models[i])):
+        for t, new in zip(live, model_tensors(models[i]), strict=True):
             t.copy_(new)
         chain.merge(live)
+        a, b = Fraction(i, i + 1), Fraction(1, i + 1)
         merged = {
-            k: ([Fraction(i, i + 1) * s + Fraction(1, i + 1) * x for s, x in zip(hand[k], models[i][k])]
-                if k != "counter" else models[i][k])
+            k: (models[i][k] if k == "counter" else
+                [a * s + b * x for s, x in zip(hand[k], models[i][k], strict=True)])
             for k in hand
         }
         ties_seen += threshold_is_tied(merged, keep)
         chain.reprune(targets, keep, LOCAL)
         hand = hand_prune(merged, keep)
-        got = dict(zip(chain.names, chain.tensors))
+        got = dict(zip(chain.names, chain.tensors, strict=True))
         for k in ("a.weight", "b.weight", "a.bias"):
             expected = torch.tensor([float(v) for v in hand[k]], dtype=torch.float64).view(SHAPES[k])
             assert torch.allclose(got[k], expected, rtol=0, atol=1e-12), (i, k)
@@ -136,14 +137,14 @@ def test_caa_random_float_matches_formula() -> None:
         chain.merge(models[i])
         chain.reprune(targets, keep, LOCAL)
         s = [(i / (i + 1)) * a + (1 / (i + 1)) * b if a.is_floating_point() else b.clone()
-             for a, b in zip(s, models[i])]
+             for a, b in zip(s, models[i], strict=True)]
         flat = torch.cat([s[0].reshape(-1), s[2].reshape(-1)])
         order = torch.sort(-flat.abs(), stable=True).indices[:keep]
         mask = torch.zeros(17, dtype=torch.bool)
         mask[order] = True
         s[0] = s[0] * mask[:12].view(3, 4)
         s[2] = s[2] * mask[12:]
-        for a, b in zip(chain.tensors, s):
+        for a, b in zip(chain.tensors, s, strict=True):
             assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-12)
         assert torch.equal(chain.masks["a.weight"], mask[:12].view(3, 4))
         assert torch.equal(chain.masks["b.weight"], mask[12:])
@@ -249,7 +250,8 @@ def test_bn_recalibration_pooled_statistics() -> None:
     assert torch.allclose(bn.running_mean.double(), mean, rtol=1e-6, atol=1e-6)
     assert torch.allclose(bn.running_var.double(), var, rtol=1e-6, atol=1e-6)
     # not the biased variance, not the mean of per-batch statistics
-    assert not torch.allclose(bn.running_var.double(), data.var((0, 2, 3), unbiased=False), rtol=1e-6, atol=1e-6)
+    biased = data.var((0, 2, 3), unbiased=False)
+    assert not torch.allclose(bn.running_var.double(), biased, rtol=1e-6, atol=1e-6)
     per_batch = torch.stack([b.double().mean((0, 2, 3)) for b in batches]).mean(0)
     assert not torch.allclose(bn.running_mean.double(), per_batch, rtol=1e-4, atol=1e-4)
     assert int(bn.num_batches_tracked) == 3  # Discard batches are not counted

@@ -1,0 +1,33 @@
+"""``accelerate launch`` with 2 CPU processes runs the tiny config end to end under DDP and FSDP2
+and prints the same summary as one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_accelerate_launch_two_cpu_processes(tmp_path, engine):
+    run_dir = tmp_path / engine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "launch" / "accelerate" / f"{engine}-cpu.yaml"), "train.py",
+           "--config", "configs/tiny-test.yaml", f"--experiment.output_dir={run_dir}", "--schedule.epochs=3",
+           "--sparse.check_ranks=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"parallelism: {engine} over 2 process(es)" in proc.stderr
+    for label in ("| P |", "| T_1 |", "| S_2 |", "| final = S_2 |"):
+        assert proc.stdout.count(label) == 1, proc.stdout  # printed once, by rank 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallelism"] == engine
+    results = summary["results"]
+    assert all(r["count"] == 300 for r in results.values())
+    assert results["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
+    assert results["final"]["accuracy"] == results["S_2"]["accuracy"]
