@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="substring filter on candidate labels")
     parser.add_argument("--wait-quiet", type=float, default=0.0,
                         help="before each model wait up to this many s for other processes to go idle")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="re-measure a model up to N times while foreign load > --max-foreign")
+    parser.add_argument("--max-foreign", type=float, default=0.10)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.manual_seed(0)
@@ -129,12 +132,20 @@ def main() -> None:
     for label, make in CANDIDATES:
         if args.only and args.only not in label:
             continue
-        if args.wait_quiet:
-            waited = wait_until_quiet(args.wait_quiet)
-            _LOG.warning("%s: waited %.0f s for a quiet machine", label, waited)
         model = make()
         n_params = sum(p.numel() for p in model.parameters())
-        ts, cpu_s, foreign = time_steps(model, args.batch, args.steps, args.warmup)
+        best_run = None
+        for attempt in range(args.retries + 1):
+            if args.wait_quiet:
+                waited = wait_until_quiet(args.wait_quiet)
+                _LOG.warning("%s: waited %.0f s for a quiet machine", label, waited)
+            run = time_steps(model, args.batch, args.steps, args.warmup)
+            if best_run is None or run[2] < best_run[2]:
+                best_run = run
+            if run[2] <= args.max_foreign:
+                break
+            _LOG.warning("%s: attempt %d had %.0f%% foreign load", label, attempt + 1, 100 * run[2])
+        ts, cpu_s, foreign = best_run
         med, best = statistics.median(ts), min(ts)
         print(f"| {label} | {n_params / 1e6:.2f} | {med * 1e3:.0f} | {best * 1e3:.0f} | {cpu_s * 1e3:.0f} "
               f"| {foreign:.0%} | {med * steps_per_epoch:.0f} | {12 * med * steps_per_epoch / 60:.1f} / "

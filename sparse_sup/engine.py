@@ -115,7 +115,7 @@ class SupTicketsEngine:
         step = self.step if step is None else step
         cycle = self.phases.cycle_of(step)
         if cycle is not None:
-            within = step - self.plan.pre_steps - cycle * self.plan.cycle_steps
+            within = min(step - self.plan.pre_steps - cycle * self.plan.cycle_steps, self.plan.cycle_steps - 1)
             return schedules.triangle_lr(within, cycle_steps=self.plan.cycle_steps,
                                          lr_low=self.tickets.lr_low, lr_high=self.tickets.lr_high)
         s = self.schedule

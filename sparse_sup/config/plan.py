@@ -52,7 +52,8 @@ def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
     elif t.cycle_epochs is not None:
         cycle_steps = round(t.cycle_epochs * steps_per_epoch)
     else:
-        cycle_steps = round(t.cycles_fraction * total / t.num_cycles)
+        fraction = 0.1 if t.cycles_fraction is None else t.cycles_fraction
+        cycle_steps = round(fraction * total / t.num_cycles)
     if t.num_cycles and cycle_steps < 2:
         raise ValueError(
             f"tickets.num_cycles={t.num_cycles} gives cycles of {cycle_steps} optimizer steps, too short "

@@ -152,7 +152,7 @@ class SparseConfig:
 class TicketsConfig:
     num_cycles: int = 3  # 0: plain DST for the whole budget (the base method)
     cycle_epochs: float | None = None  # length of one cycle; or give cycles_fraction
-    cycles_fraction: float | None = 0.1  # fraction of the whole budget spent in cycles
+    cycles_fraction: float | None = None  # fraction of the whole budget in cycles (default 0.1)
     lr_low: float = 1e-3
     lr_high: float = 5e-3
     reexplore_fraction: float = 0.5  # drop/regrow-by-gradient at each cycle start; 0: off
@@ -166,9 +166,8 @@ class TicketsConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_cycles >= 0, "tickets.num_cycles", self.num_cycles, "an integer >= 0")
-        if self.num_cycles:
-            _check((self.cycle_epochs is None) != (self.cycles_fraction is None), "tickets.cycle_epochs",
-                   self.cycle_epochs, "set exactly one of tickets.cycle_epochs and tickets.cycles_fraction")
+        _check(self.cycle_epochs is None or self.cycles_fraction is None, "tickets.cycle_epochs",
+               self.cycle_epochs, "set at most one of tickets.cycle_epochs and tickets.cycles_fraction")
         _check(self.cycle_epochs is None or self.cycle_epochs > 0, "tickets.cycle_epochs", self.cycle_epochs,
                "a positive number")
         _check(self.cycles_fraction is None or 0 < self.cycles_fraction < 1, "tickets.cycles_fraction",

@@ -18,6 +18,8 @@ class PhasePlan:
     def __post_init__(self) -> None:
         if self.num_cycles < 0 or self.cycle_steps < 0:
             raise ValueError("num_cycles and cycle_steps must be >= 0")
+        if self.num_cycles > 0 and self.cycle_steps < 1:
+            raise ValueError(f"{self.num_cycles} cycles need cycle_steps >= 1, got {self.cycle_steps}")
         if self.num_cycles * self.cycle_steps >= self.total_steps:
             raise ValueError(
                 f"{self.num_cycles} cycles x {self.cycle_steps} steps do not fit in a budget of "

@@ -36,7 +36,7 @@ GROW_CRITERIA: dict[str, GrowCriterion] = {"random": _grow_random, "gradient": _
 
 def _commit(targets: Sequence[Target], state: MaskState, new_masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor] | None = None) -> None:
     """Install ``new_masks`` in place; zero weights and optimizer state outside them and at the
-    ``reset`` positions (regrown weights start at 0 with zero optimizer state)."""
+    ``reset`` positions (newly grown weights start at 0 with zero optimizer state)."""
     for t in targets:
         keep = new_masks[t.name] if reset is None else new_masks[t.name] & ~reset[t.name]
         t.param.mul_(keep)
@@ -57,7 +57,9 @@ def drop_and_grow(
     grad_scores: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Per layer, drop round(fraction * active) smallest-|w| active weights and regrow as many
-    inactive ones (just-dropped included) by ``grow``. Density is preserved exactly.
+    inactive ones (just-dropped included) by ``grow``. Density is preserved exactly. Weights that
+    were inactive before start at 0 with zero optimizer state; a just-dropped weight that is
+    regrown keeps its value (as in RigL's reference code), so a dense layer is left unchanged.
     Returns the number swapped per layer."""
     num_swap = [round(fraction * state.counts[t.name]) for t in targets]
     weights = [Piece(t.param.abs(), i, t.offset, state.masks[t.name]) for i, t in enumerate(targets)]
@@ -68,7 +70,8 @@ def drop_and_grow(
     pieces = GROW_CRITERIA[grow](targets, eligible, step, seed, grad_scores)
     grown = {t.name: g.view_as(t.param) for t, g in zip(targets, top_k_masks(pieces, num_swap, collectives))}
     new_masks = {name: kept[name] | grown[name] for name in kept}
-    _commit(targets, state, new_masks, reset=grown)
+    newly_active = {name: grown[name] & ~state.masks[name] for name in kept}
+    _commit(targets, state, new_masks, reset=newly_active)
     return {t.name: n for t, n in zip(targets, num_swap)}
 
 

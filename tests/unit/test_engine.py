@@ -350,10 +350,18 @@ def test_compiled_model_same_masks_as_eager() -> None:
     overrides = ["--sparse.method=rigl", "--sparse.density=0.3", "--sparse.update_interval=5",
                  "--schedule.epochs=12", "--schedule.batch_size=16", "--tickets.num_cycles=0",
                  "--schedule.lr_schedule=constant"]
-    x, y = torch.randn(16, 10), torch.randint(0, 5, (16,))
-    eager = mlp(dtype=torch.float32)
+    x, y = torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 5, (16,))
+    eager = mlp(dtype=torch.float64)
     base = copy.deepcopy(eager)
     compiled = torch.compile(base, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    try:
+        _compare_compiled(overrides, x, y, eager, base, compiled)
+    finally:
+        torch._dynamo.reset()
+
+
+def _compare_compiled(overrides, x, y, eager, base, compiled) -> None:
     runs = []
     for module, params in ((eager, eager.parameters()), (compiled, base.parameters())):
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
@@ -377,9 +385,10 @@ def test_compiled_model_same_masks_as_eager() -> None:
             engine.after_optimizer_step()
         assert same_masks(masks_of(e_eager), masks_of(e_comp)), e_eager.step
         for p, q in zip(eager.parameters(), base.parameters(), strict=True):
-            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(p, q, rtol=0, atol=1e-10)
     assert [(k, s) for k, s, _ in log_comp.updates] == [("update", 5), ("update", 10)]
     assert [(k, s) for k, s, _ in log_eager.updates] == [("update", 5), ("update", 10)]
     assert not same_masks(init, log_comp.updates[-1][2])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really ran compiled
     for n in MLP_NAMES:  # masked weights of the compiled model are zero too
         assert bool((base.get_parameter(n)[~e_comp.masks.masks[n]] == 0).all())

@@ -117,14 +117,17 @@ def test_drop_and_grow_invariants_over_20_updates(grow: str, opt_kind: str) -> N
             assert int(grown.sum()) == num_swap[n]
             if grow == "gradient":
                 assert torch.equal(grown, stable_pick(scores[n], num_swap[n], largest=True, eligible=~kept))
-            # weights: zero outside, zero where regrown, untouched where kept
+            # weights: zero outside, zero where newly grown, untouched where kept or re-grown
+            # right after being dropped (RigL's reference keeps those)
+            newly = grown & ~old[n]
+            retained = m & old[n]
             assert bool((t.param[~m] == 0).all())
-            assert bool((t.param[grown] == 0).all())
-            assert torch.equal(t.param[kept], old_w[n][kept])
-            # optimizer state: zero outside and where regrown, untouched where kept
+            assert bool((t.param[newly] == 0).all())
+            assert torch.equal(t.param[retained], old_w[n][retained])
+            # optimizer state: zero outside and where newly grown, untouched where retained
             for s, s_old in zip(shaped_states(opt, params[n]), old_s[n], strict=True):
-                assert bool((s[~m] == 0).all()) and bool((s[grown] == 0).all())
-                assert torch.equal(s[kept], s_old[kept])
+                assert bool((s[~m] == 0).all()) and bool((s[newly] == 0).all())
+                assert torch.equal(s[retained], s_old[retained])
             # the mask tensors are updated in place
             assert m.data_ptr() == mask_ptrs[n]
         assert state.counts == {t.name: int(state.masks[t.name].sum()) for t in targets}
@@ -369,3 +372,17 @@ def test_training_invariants_every_step(method: str, opt_kind: str, in_cycles: s
         # after the prune window the density is the final one
         assert hooks.prunes[-1][2] == round(0.1 * n_total)
         assert [p[3] for p in hooks.prunes if p[0] >= plan.prune_end] == [round(0.1 * n_total)] * 3
+
+
+def test_dense_layer_is_left_unchanged_by_an_update() -> None:
+    """A layer ERK made dense can only regrow what it just dropped: nothing may be reset."""
+    from sparse_sup.core.masks import MaskState as State
+    from sparse_sup.core.targets import Target
+
+    w = torch.randn(6, 5)
+    before = w.clone()
+    target = Target(name="dense.weight", param=w, shape=(6, 5))
+    state = State({"dense.weight": torch.ones(6, 5, dtype=torch.bool)})
+    scores = {"dense.weight": torch.rand(6, 5)}
+    drop_and_grow([target], state, 0.5, "gradient", step=1, seed=0, collectives=LOCAL, grad_scores=scores)
+    assert torch.equal(w, before) and bool(state.masks["dense.weight"].all())
