@@ -165,7 +165,8 @@ def measure(fn: Callable[[], object], breakdown: bool = False) -> dict:
     if breakdown:
         tree_peak, out["live"] = live_at_peak(prof)
         if tree_peak != out["peak"]:
-            out["live"] += f"\n  (note: event-tree peak {tree_peak} B differs from flat-event peak {out['peak']} B)"
+            out["live"] += (f"\n  (note: event-tree peak {tree_peak} B differs from "
+                            f"flat-event peak {out['peak']} B)")
         out["ops"] = prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=15)
     return out
 
@@ -215,7 +216,7 @@ def worker(breakdown: bool) -> None:
     # sanity check of the method: exp() of a 100 MB tensor allocates one 100 MB temporary
     x = torch.randn(25_000_000)
     res["sanity_expected"] = x.numel() * 4
-    res["sanity"] = measure(lambda: torch.exp(x).sum())["peak"]
+    res["sanity"] = measure(lambda x=x: torch.exp(x).sum())["peak"]
     del x
 
     torch.manual_seed(SEED)
@@ -285,7 +286,8 @@ def run_world(n: int, breakdown: bool, timeout: int) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     lines = [ln[len(PREFIX):] for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
     if not lines:
-        raise RuntimeError(f"world {n} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(f"world {n} failed (rc {proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return json.loads(lines[-1])
 
 
@@ -300,10 +302,12 @@ def driver(worlds: list[int], timeout: int) -> None:
               f"(expected >= {r['sanity_expected']:,} B, the temporary)", flush=True)
     base = res[worlds[0]]
     print(f"\nModel: resnet50, {base['params'] / 1e6:.2f}M parameters, {base['targets']} target weights; "
-          f"re-prune keeps floor({DENSITY} N); update: RigL drop/grow fraction {FRACTION} at ERK density {DENSITY}. "
+          f"re-prune keeps floor({DENSITY} N); update: RigL drop/grow fraction {FRACTION} "
+          f"at ERK density {DENSITY}. "
           f"All memory figures are the max over ranks.\n")
     print("| world size | model MB | local shard MB (rank max) | re-prune extra peak MB "
-          "| topology update extra peak MB | histogram bytes (re-prune / update) | ratio to world 1 (re-prune / update) |")
+          "| topology update extra peak MB | histogram bytes (re-prune / update) "
+          "| ratio to world 1 (re-prune / update) |")
     print("|---|---|---|---|---|---|---|")
     for n in worlds:
         r = res[n]
@@ -317,11 +321,13 @@ def driver(worlds: list[int], timeout: int) -> None:
     print("|---|---|---|---|")
     for n in worlds:
         r = res[n]
-        print(f"| {n} | {r['control'] / MB:.2f} | {r['layer_bytes'] / MB:.2f} | {r['control'] / r['layer_bytes']:.2f} |")
+        print(f"| {n} | {r['control'] / MB:.2f} | {r['layer_bytes'] / MB:.2f} "
+              f"| {r['control'] / r['layer_bytes']:.2f} |")
     print("\nHistogram bytes = one [groups,256] int64 histogram + the [groups] int64 count vector "
           "(groups 1 for the re-prune, one per layer for the update); total bytes all-reduced per operation "
           "(all radix passes, count vectors, mask recount): "
-          + ", ".join(f"world {n}: {res[n]['reprune_hist'][1]:,} / {res[n]['update_hist'][1]:,}" for n in worlds))
+          + ", ".join(f"world {n}: {res[n]['reprune_hist'][1]:,} / {res[n]['update_hist'][1]:,}"
+                      for n in worlds))
     top = max(worlds)
     if top > 1:
         ok = [res[top][k] <= 0.30 * base[k] for k in ("reprune", "update")]
@@ -330,8 +336,8 @@ def driver(worlds: list[int], timeout: int) -> None:
     br = res[top].get("breakdown")
     if br:
         for op in ("reprune", "update"):
-            print(f"\nBreakdown, world {top}, rank 0, {op}:\n{br[op]['live']}\n\n  top ops by self CPU memory "
-                  f"(prof.key_averages()):\n{br[op]['ops']}")
+            print(f"\nBreakdown, world {top}, rank 0, {op}:\n{br[op]['live']}\n\n"
+                  f"  top ops by self CPU memory (prof.key_averages()):\n{br[op]['ops']}")
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def _radix_smallest(
             if (sizes[i] if cand is None else cand.numel()) == 0:
                 digits.append(None)
                 continue
-            d = (key_at(i, cand) >> shift) & 0xFF
+            d = ((key_at(i, cand) >> shift) & 0xFF).to(torch.uint8)  # kept per piece: 1 byte each
             hist[groups[i]] += torch.bincount(d, minlength=_BINS)
             digits.append(d)
         collectives.all_reduce_sum(hist)
