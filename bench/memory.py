@@ -59,6 +59,7 @@ DENSITY, FRACTION, SEED = 0.1, 0.3, 0
 
 # ---- measuring ------------------------------------------------------------------------------
 
+
 class LineTags:
     """While active, every executed line of sparse_sup's own files runs inside a profiler
     ``record_function`` named ``path:line``, so each allocation can be traced to a source line."""
@@ -112,8 +113,11 @@ def _walk_allocations(prof) -> list[tuple[int, int, int, str, str]]:
 
 def peak_of(prof) -> int:
     """Largest prefix sum of the profiler's CPU memory events in time order (bytes)."""
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-              and str(e.device_type()).endswith("CPU")]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
     events.sort(key=lambda e: e.start_ns())  # stable: equal stamps keep the recorded order
     live = peak = 0
     for e in events:
@@ -131,7 +135,7 @@ def live_at_peak(prof, top: int = 12) -> tuple[int, str]:
         if live_sum > peak:
             peak, peak_at = live_sum, i
     live: dict[int, tuple[int, str, str]] = {}
-    for _, ptr, nbytes, line, op in allocs[:peak_at + 1]:
+    for _, ptr, nbytes, line, op in allocs[: peak_at + 1]:
         if nbytes > 0:
             live[ptr] = (nbytes, line, op)
         else:
@@ -141,8 +145,11 @@ def live_at_peak(prof, top: int = 12) -> tuple[int, str]:
         groups[line, op][0] += nbytes
         groups[line, op][1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
-    text = [f"  live at the peak ({peak / MB:.1f} MB), by allocating source line and aten op:",
-            "  | MB live | tensors | line | op | source |", "  |---|---|---|---|---|"]
+    text = [
+        f"  live at the peak ({peak / MB:.1f} MB), by allocating source line and aten op:",
+        "  | MB live | tensors | line | op | source |",
+        "  |---|---|---|---|---|",
+    ]
     for (line, op), (nbytes, count) in rows:
         src = ""
         if line != "-":
@@ -165,8 +172,9 @@ def measure(fn: Callable[[], object], breakdown: bool = False) -> dict:
     if breakdown:
         tree_peak, out["live"] = live_at_peak(prof)
         if tree_peak != out["peak"]:
-            out["live"] += (f"\n  (note: event-tree peak {tree_peak} B differs from "
-                            f"flat-event peak {out['peak']} B)")
+            out["live"] += (
+                f"\n  (note: event-tree peak {tree_peak} B differs from flat-event peak {out['peak']} B)"
+            )
         out["ops"] = prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=15)
     return out
 
@@ -197,6 +205,7 @@ class CountingCollectives:
 
 
 # ---- one world size (torchrun worker) -------------------------------------------------------
+
 
 def worker(breakdown: bool) -> None:
     import torch.distributed as dist
@@ -255,8 +264,9 @@ def worker(breakdown: bool) -> None:
     res["reprune"], res["reprune_hist"] = reprune["peak"], shard.histogram_bytes()
     dist.barrier()
     shard.log.clear()
-    update = measure(lambda: drop_and_grow(targets, masks, FRACTION, "gradient", 1, SEED, shard, grad_scores),
-                     breakdown)
+    update = measure(
+        lambda: drop_and_grow(targets, masks, FRACTION, "gradient", 1, SEED, shard, grad_scores), breakdown
+    )
     res["update"], res["update_hist"] = update["peak"], shard.histogram_bytes()
     dist.barrier()
     param = dict(model.named_parameters())[biggest]
@@ -279,65 +289,96 @@ def worker(breakdown: bool) -> None:
 
 # ---- driver ---------------------------------------------------------------------------------
 
+
 def run_world(n: int, breakdown: bool, timeout: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           str(Path(__file__).resolve()), "--worker"] + (["--breakdown"] if breakdown else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        str(Path(__file__).resolve()),
+        "--worker",
+    ] + (["--breakdown"] if breakdown else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-    lines = [ln[len(PREFIX):] for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
+    lines = [ln[len(PREFIX) :] for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
     if not lines:
-        raise RuntimeError(f"world {n} failed (rc {proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(
+            f"world {n} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return json.loads(lines[-1])
 
 
 def driver(worlds: list[int], timeout: int) -> None:
-    print(f"torch {torch.__version__}; resnet50 (1000 classes, fp32) under FSDP2 fully_shard, gloo on CPU; "
-          f"world size 1 = the same FSDP2 path on a 1-process group")
+    print(
+        f"torch {torch.__version__}; resnet50 (1000 classes, fp32) under FSDP2 fully_shard, gloo on CPU; "
+        f"world size 1 = the same FSDP2 path on a 1-process group"
+    )
     res = {}
     for n in worlds:
         res[n] = run_world(n, breakdown=(n == max(worlds)), timeout=timeout)
         r = res[n]
-        print(f"world {n}: sanity check exp() of a 100 MB tensor -> extra peak {r['sanity']:,} B "
-              f"(expected >= {r['sanity_expected']:,} B, the temporary)", flush=True)
+        print(
+            f"world {n}: sanity check exp() of a 100 MB tensor -> extra peak {r['sanity']:,} B "
+            f"(expected >= {r['sanity_expected']:,} B, the temporary)",
+            flush=True,
+        )
     base = res[worlds[0]]
-    print(f"\nModel: resnet50, {base['params'] / 1e6:.2f}M parameters, {base['targets']} target weights; "
-          f"re-prune keeps floor({DENSITY} N); update: RigL drop/grow fraction {FRACTION} "
-          f"at ERK density {DENSITY}. "
-          f"All memory figures are the max over ranks.\n")
-    print("| world size | model MB | local shard MB (rank max) | re-prune extra peak MB "
-          "| topology update extra peak MB | histogram bytes (re-prune / update) "
-          "| ratio to world 1 (re-prune / update) |")
+    print(
+        f"\nModel: resnet50, {base['params'] / 1e6:.2f}M parameters, {base['targets']} target weights; "
+        f"re-prune keeps floor({DENSITY} N); update: RigL drop/grow fraction {FRACTION} "
+        f"at ERK density {DENSITY}. "
+        f"All memory figures are the max over ranks.\n"
+    )
+    print(
+        "| world size | model MB | local shard MB (rank max) | re-prune extra peak MB "
+        "| topology update extra peak MB | histogram bytes (re-prune / update) "
+        "| ratio to world 1 (re-prune / update) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n in worlds:
         r = res[n]
         (hr, _), (hu, _) = r["reprune_hist"], r["update_hist"]
         ratio = f"{r['reprune'] / base['reprune']:.3f} / {r['update'] / base['update']:.3f}"
-        print(f"| {n} | {r['model_bytes'] / MB:.1f} | {r['local_bytes'] / MB:.1f} | {r['reprune'] / MB:.1f} "
-              f"| {r['update'] / MB:.1f} | {hr:,} / {hu:,} | {ratio} |")
-    print(f"\nControl (gather one whole layer, `{base['layer']}`, {base['layer_bytes'] / MB:.2f} MB, "
-          f"via DTensor.full_tensor()):\n")
+        print(
+            f"| {n} | {r['model_bytes'] / MB:.1f} | {r['local_bytes'] / MB:.1f} | {r['reprune'] / MB:.1f} "
+            f"| {r['update'] / MB:.1f} | {hr:,} / {hu:,} | {ratio} |"
+        )
+    print(
+        f"\nControl (gather one whole layer, `{base['layer']}`, {base['layer_bytes'] / MB:.2f} MB, "
+        f"via DTensor.full_tensor()):\n"
+    )
     print("| world size | control extra peak MB | layer MB | extra / layer |")
     print("|---|---|---|---|")
     for n in worlds:
         r = res[n]
-        print(f"| {n} | {r['control'] / MB:.2f} | {r['layer_bytes'] / MB:.2f} "
-              f"| {r['control'] / r['layer_bytes']:.2f} |")
-    print("\nHistogram bytes = one [groups,256] int64 histogram + the [groups] int64 count vector "
-          "(groups 1 for the re-prune, one per layer for the update); total bytes all-reduced per operation "
-          "(all radix passes, count vectors, mask recount): "
-          + ", ".join(f"world {n}: {res[n]['reprune_hist'][1]:,} / {res[n]['update_hist'][1]:,}"
-                      for n in worlds))
+        print(
+            f"| {n} | {r['control'] / MB:.2f} | {r['layer_bytes'] / MB:.2f} "
+            f"| {r['control'] / r['layer_bytes']:.2f} |"
+        )
+    print(
+        "\nHistogram bytes = one [groups,256] int64 histogram + the [groups] int64 count vector "
+        "(groups 1 for the re-prune, one per layer for the update); total bytes all-reduced per operation "
+        "(all radix passes, count vectors, mask recount): "
+        + ", ".join(
+            f"world {n}: {res[n]['reprune_hist'][1]:,} / {res[n]['update_hist'][1]:,}" for n in worlds
+        )
+    )
     top = max(worlds)
     if top > 1:
         ok = [res[top][k] <= 0.30 * base[k] for k in ("reprune", "update")]
-        print(f"\nGoal (world {top} <= 0.30x world {worlds[0]}): re-prune {'met' if ok[0] else 'NOT met'}, "
-              f"topology update {'met' if ok[1] else 'NOT met'}.")
+        print(
+            f"\nGoal (world {top} <= 0.30x world {worlds[0]}): re-prune {'met' if ok[0] else 'NOT met'}, "
+            f"topology update {'met' if ok[1] else 'NOT met'}."
+        )
     br = res[top].get("breakdown")
     if br:
         for op in ("reprune", "update"):
-            print(f"\nBreakdown, world {top}, rank 0, {op}:\n{br[op]['live']}\n\n"
-                  f"  top ops by self CPU memory (prof.key_averages()):\n{br[op]['ops']}")
+            print(
+                f"\nBreakdown, world {top}, rank 0, {op}:\n{br[op]['live']}\n\n"
+                f"  top ops by self CPU memory (prof.key_averages()):\n{br[op]['ops']}"
+            )
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ the variants run side by side: 2 warm-up steps each, then ``--rounds`` rounds in
 variant (rotating order) runs ``--steps`` steps; the table shows the median over rounds of the
 mean step time. Goal: sparse_sup ratio to dense <= 1.03.
 
-Usage: PYTHONPATH=. python bench/overhead.py [--models resnet18 vit_tiny] [--rounds 5] [--steps 3] [--batch 64]
+Usage: PYTHONPATH=. python bench/overhead.py [--models resnet18 vit_tiny] [--rounds 5] [--steps 3]
+       [--batch 64]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import argparse
 import datetime
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +58,26 @@ def make_step(variant: str, build: Callable[[], torch.nn.Module], batch: int) ->
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     engine = None
     if variant in ("sparse_sup", "grad_mask"):
-        overrides = ["--sparse.method=rigl", "--sparse.density=0.1", "--sparse.update_interval=1000000",
-                     "--tickets.num_cycles=0", "--schedule.epochs=1000"]
+        overrides = [
+            "--sparse.method=rigl",
+            "--sparse.density=0.1",
+            "--sparse.update_interval=1000000",
+            "--tickets.num_cycles=0",
+            "--schedule.epochs=1000",
+        ]
         if variant == "grad_mask":
             overrides.append("--sparse.enforce_every_step=false")
         cfg = load_config(None, overrides)
         plan = resolve_plan(cfg, num_train_samples=64 * 100000)  # no update / cycle while timing
-        engine = SupTicketsEngine(sparse=cfg.sparse, tickets=cfg.tickets, schedule=cfg.schedule, base_lr=LR,
-                                  plan=plan, backend=LocalBackend(model, opt, names), seed=SEED)
+        engine = SupTicketsEngine(
+            sparse=cfg.sparse,
+            tickets=cfg.tickets,
+            schedule=cfg.schedule,
+            base_lr=LR,
+            plan=plan,
+            backend=LocalBackend(model, opt, names),
+            seed=SEED,
+        )
         engine.init_masks()
     gen = torch.Generator().manual_seed(SEED)
     x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
@@ -89,7 +102,7 @@ def measure(build: Callable[[], torch.nn.Module], batch: int, rounds: int, steps
             run()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
-        for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:  # rotate the order
+        for v in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:  # rotate the order
             t0 = time.perf_counter()
             for _ in range(steps):
                 runners[v]()
@@ -106,17 +119,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{datetime.datetime.now().isoformat(timespec='seconds')}, batch {args.batch}, "
-          f"{args.rounds} rounds x {args.steps} steps (median over rounds)\n")
-    print("| model | dense s/step | sparse_sup s/step | ratio | sparse_sup (grad mask only) ratio "
-          "| torch.nn.utils.prune s/step | ratio |")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}, batch {args.batch}, "
+        f"{args.rounds} rounds x {args.steps} steps (median over rounds)\n"
+    )
+    print(
+        "| model | dense s/step | sparse_sup s/step | ratio | sparse_sup (grad mask only) ratio "
+        "| torch.nn.utils.prune s/step | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         t = measure(MODELS[name], args.batch, args.rounds, args.steps)
         d = t["dense"]
-        print(f"| {name} | {d:.4f} | {t['sparse_sup']:.4f} | {t['sparse_sup'] / d:.3f} "
-              f"| {t['grad_mask'] / d:.3f} | {t['prune']:.4f} | {t['prune'] / d:.3f} |", flush=True)
+        print(
+            f"| {name} | {d:.4f} | {t['sparse_sup']:.4f} | {t['sparse_sup'] / d:.3f} "
+            f"| {t['grad_mask'] / d:.3f} | {t['prune']:.4f} | {t['prune'] / d:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

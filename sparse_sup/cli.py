@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug-cpu.yaml")
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug-cpu.yaml"
+)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -23,8 +25,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--config", default=None, help="experiment YAML (default: configs/debug-cpu.yaml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", default=None,
-                        help="DeepSpeed JSON (ZeRO stages: see README)")
+    parser.add_argument(
+        "--deepspeed",
+        "--deepspeed_config",
+        dest="deepspeed",
+        default=None,
+        help="DeepSpeed JSON (ZeRO stages: see README)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "." in a.split("=", 1)[0]]
@@ -38,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     from .config import config_to_dict, load_config
 
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
@@ -53,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         return 0
     if args.deepspeed:
-        print("error: DeepSpeed support is not implemented yet (issue: DeepSpeed ZeRO-1/2/3)", file=sys.stderr)
+        print(
+            "error: DeepSpeed support is not implemented yet (issue: DeepSpeed ZeRO-1/2/3)", file=sys.stderr
+        )
         return 2
     from .train.run import run_training
 

@@ -91,8 +91,12 @@ class SupTicketsEngine:
         self.masks = MaskState.initialize(
             self.targets, self.sparse.initial_density, self.sparse.distribution, self.seed, self.backend.shard
         )
-        log.info("masks initialised: density %.4f over %d targets (%s)", self.masks.density(self.targets),
-                 len(self.targets), self.sparse.distribution)
+        log.info(
+            "masks initialised: density %.4f over %d targets (%s)",
+            self.masks.density(self.targets),
+            len(self.targets),
+            self.sparse.distribution,
+        )
 
     @property
     def total_target_weights(self) -> int:
@@ -115,29 +119,47 @@ class SupTicketsEngine:
         step = self.step if step is None else step
         cycle = self.phases.cycle_of(step)
         if cycle is not None:
-            within = min(step - self.plan.pre_steps - cycle * self.plan.cycle_steps, self.plan.cycle_steps - 1)
-            return schedules.triangle_lr(within, cycle_steps=self.plan.cycle_steps,
-                                         lr_low=self.tickets.lr_low, lr_high=self.tickets.lr_high)
+            within = min(
+                step - self.plan.pre_steps - cycle * self.plan.cycle_steps, self.plan.cycle_steps - 1
+            )
+            return schedules.triangle_lr(
+                within,
+                cycle_steps=self.plan.cycle_steps,
+                lr_low=self.tickets.lr_low,
+                lr_high=self.tickets.lr_high,
+            )
         s = self.schedule
         if s.lr_schedule == "step":
-            lr = schedules.step_decay_lr(step, base_lr=self.base_lr, milestones=list(self.plan.lr_milestones),
-                                         gamma=s.lr_gamma)
+            lr = schedules.step_decay_lr(
+                step, base_lr=self.base_lr, milestones=list(self.plan.lr_milestones), gamma=s.lr_gamma
+            )
         elif s.lr_schedule == "cosine":
             lr = schedules.cosine_lr(step, base_lr=self.base_lr, min_lr=s.min_lr, steps=self.plan.pre_steps)
         else:
             lr = self.base_lr
-        return lr * schedules.warmup_factor(step, warmup_steps=self.plan.warmup_steps,
-                                            start_factor=s.warmup_start_factor)
+        return lr * schedules.warmup_factor(
+            step, warmup_steps=self.plan.warmup_steps, start_factor=s.warmup_start_factor
+        )
 
     def drop_fraction(self, step: int) -> float:
         s = self.sparse
-        return schedules.drop_fraction_at(step, initial=s.drop_fraction, final=s.drop_fraction_final,
-                                          schedule=s.drop_fraction_schedule, steps=self.plan.total_steps)
+        return schedules.drop_fraction_at(
+            step,
+            initial=s.drop_fraction,
+            final=s.drop_fraction_final,
+            schedule=s.drop_fraction_schedule,
+            steps=self.plan.total_steps,
+        )
 
     def granet_density(self, step: int) -> float:
         s = self.sparse
-        return schedules.granet_density(step, initial=s.granet_initial_density, final=s.density,
-                                        start=self.plan.prune_start, end=self.plan.prune_end)
+        return schedules.granet_density(
+            step,
+            initial=s.granet_initial_density,
+            final=s.density,
+            start=self.plan.prune_start,
+            end=self.plan.prune_end,
+        )
 
     def phase(self, step: int | None = None) -> tuple[str, int | None]:
         """("dst", None) in phase 1, ("cycle", m) in cycle m, for the step after ``step``."""
@@ -156,8 +178,9 @@ class SupTicketsEngine:
             events.append("prune")  # make sure phase 1 ends at the final density
         if self.phases.cycle_start(completed) is not None and self.tickets.reexplore_fraction > 0:
             events.append("reexplore")
-        elif (self.tickets.mask_in_cycles == "update" and pre < completed < total
-              and completed % interval == 0):
+        elif (
+            self.tickets.mask_in_cycles == "update" and pre < completed < total and completed % interval == 0
+        ):
             events.append("update")
         return events
 
@@ -216,11 +239,20 @@ class SupTicketsEngine:
                 global_prune(self.targets, self.masks, keep, self.backend.shard)
                 swapped = {"pruned": before - self.masks.total_active()}
             else:
-                fraction = (self.tickets.reexplore_fraction if event == "reexplore"
-                            else self.drop_fraction(completed))
+                fraction = (
+                    self.tickets.reexplore_fraction if event == "reexplore" else self.drop_fraction(completed)
+                )
                 grow = "gradient" if event == "reexplore" else self.sparse.grow
-                swapped = drop_and_grow(self.targets, self.masks, fraction, grow, completed, self.seed,
-                                        self.backend.shard, self._grad_scores)
+                swapped = drop_and_grow(
+                    self.targets,
+                    self.masks,
+                    fraction,
+                    grow,
+                    completed,
+                    self.seed,
+                    self.backend.shard,
+                    self._grad_scores,
+                )
             if self.sparse.check_ranks:
                 self._check_rank_agreement(event, completed)
             self.hooks.on_topology_update(self, event, swapped)
@@ -266,5 +298,9 @@ class SupTicketsEngine:
             self.masks.masks[name].copy_(mask)
         self.masks.recount()
         self.masks.apply(self.targets)  # optimizer state outside S's masks belongs to no weight
-        log.info("final model is S_%d: %d target weights kept (density %.4f)", self.num_tickets,
-                 self.masks.total_active(), self.masks.density(self.targets))
+        log.info(
+            "final model is S_%d: %d target weights kept (density %.4f)",
+            self.num_tickets,
+            self.masks.total_active(),
+            self.masks.density(self.targets),
+        )

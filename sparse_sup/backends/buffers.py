@@ -21,5 +21,5 @@ def sync_buffers(module: torch.nn.Module, collectives: Collectives) -> None:
     flat /= collectives.world_size
     offset = 0
     for b in buffers:
-        b.copy_(flat[offset: offset + b.numel()].view_as(b))
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()

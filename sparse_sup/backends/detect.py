@@ -13,7 +13,9 @@ def detect_parallelism(accelerator) -> str:
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise NotImplementedError("DeepSpeed is not supported yet (see the DeepSpeed issue)")
-    if accelerator.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if accelerator.distributed_type == DistributedType.FSDP or os.environ.get(
+        "ACCELERATE_USE_FSDP", ""
+    ).lower() in ("1", "true"):
         return "fsdp2"
     return "ddp" if accelerator.num_processes > 1 else "single"
 

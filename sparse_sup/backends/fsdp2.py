@@ -55,8 +55,13 @@ class FSDP2Backend:
     """Local shards of a ``fully_shard``-ed model. ``shard`` and ``data_parallel`` are the same
     group here (pure FSDP: every rank holds different rows and sees different data)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, target_names: list[str],
-                 group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer,
+        target_names: list[str],
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.target_names = [normalize_name(n) for n in target_names]
@@ -71,8 +76,14 @@ class FSDP2Backend:
             state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
             return [_local(s) for s in state.values() if torch.is_tensor(s) and s.shape == p.shape]
 
-        return Target(name=name, param=_local(p).detach(), shape=tuple(p.shape),
-                      offset=fsdp2_flat_offset(p), grad=grad, optimizer_states=states)
+        return Target(
+            name=name,
+            param=_local(p).detach(),
+            shape=tuple(p.shape),
+            offset=fsdp2_flat_offset(p),
+            grad=grad,
+            optimizer_states=states,
+        )
 
     def targets(self) -> list[Target]:
         params = {normalize_name(n): p for n, p in self.model.named_parameters()}
@@ -82,13 +93,17 @@ class FSDP2Backend:
         return [self._target(n, params[n]) for n in self.target_names]
 
     def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
-        items = [(normalize_name(n), _local(t).detach()) for n, t in self.model.state_dict(keep_vars=True).items()]
+        items = [
+            (normalize_name(n), _local(t).detach()) for n, t in self.model.state_dict(keep_vars=True).items()
+        ]
         return [n for n, _ in items], [t for _, t in items]
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Whole tensors of the model state (collective: all-gathers every parameter)."""
-        return {normalize_name(k): v.full_tensor() if isinstance(v, DTensor) else v
-                for k, v in self.model.state_dict().items()}
+        return {
+            normalize_name(k): v.full_tensor() if isinstance(v, DTensor) else v
+            for k, v in self.model.state_dict().items()
+        }
 
     def full_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Whole masks (collective): each local mask is laid out like its parameter's shard."""
@@ -96,7 +111,8 @@ class FSDP2Backend:
         full = {}
         for name, mask in masks.items():
             p = params[name]
-            as_dtensor = DTensor.from_local(mask.to(torch.uint8), p.device_mesh, p.placements,
-                                            shape=p.shape, stride=p.stride())
+            as_dtensor = DTensor.from_local(
+                mask.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            )
             full[name] = as_dtensor.full_tensor().bool()
         return full

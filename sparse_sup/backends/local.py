@@ -8,13 +8,17 @@ from __future__ import annotations
 import torch
 
 from ..core.collectives import LOCAL, Collectives
-from ..core.targets import Target, whole_tensor_target
 from ..core.names import normalize_name
+from ..core.targets import Target, whole_tensor_target
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
     """The torch optimizer under Accelerate's wrapper (which proxies ``.optimizer``)."""
-    while optimizer is not None and hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
+    while (
+        optimizer is not None
+        and hasattr(optimizer, "optimizer")
+        and not isinstance(optimizer, torch.optim.Optimizer)
+    ):
         optimizer = optimizer.optimizer
     return optimizer
 

@@ -15,7 +15,19 @@ from .schema import (
 )
 
 __all__ = [
-    "Config", "DataConfig", "ExperimentConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-    "SparseConfig", "StepPlan", "TicketsConfig", "TrainConfig", "build_config", "config_to_dict",
-    "load_config", "parse_override", "resolve_plan",
+    "Config",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "SparseConfig",
+    "StepPlan",
+    "TicketsConfig",
+    "TrainConfig",
+    "build_config",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+    "resolve_plan",
 ]

@@ -122,10 +122,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def config_to_dict(config: Config) -> dict:
     """Plain dict (tuples as lists) suitable for YAML."""
+
     def plain(x: Any) -> Any:
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         return x
+
     return plain(dataclasses.asdict(config))

@@ -25,7 +25,12 @@ class ExperimentConfig:
     overwrite: bool = False  # allow writing into a directory that already holds a run
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "experiment.name", self.name, "a non-empty name without '/'")
+        _check(
+            bool(self.name) and "/" not in self.name,
+            "experiment.name",
+            self.name,
+            "a non-empty name without '/'",
+        )
         _check(self.seed >= 0, "experiment.seed", self.seed, "a non-negative integer")
 
 
@@ -79,8 +84,12 @@ class OptimConfig:
         _check(self.lr > 0, "optim.lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
         _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", self.label_smoothing, "in [0, 1)")
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "optim.max_grad_norm",
-               self.max_grad_norm, "null or a positive number")
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "optim.max_grad_norm",
+            self.max_grad_norm,
+            "null or a positive number",
+        )
         self.betas = tuple(self.betas)
 
 
@@ -99,10 +108,16 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "schedule.epochs", self.epochs, "a positive number")
         _check(self.batch_size > 0, "schedule.batch_size", self.batch_size, "a positive integer")
-        _check(self.grad_accum_steps >= 1, "schedule.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        _check(
+            self.grad_accum_steps >= 1, "schedule.grad_accum_steps", self.grad_accum_steps, "an integer >= 1"
+        )
         _choice("schedule.lr_schedule", self.lr_schedule, ("step", "cosine", "constant"))
-        _check(all(0 < m < 1 for m in self.lr_milestones), "schedule.lr_milestones", self.lr_milestones,
-               "fractions of phase 1 strictly between 0 and 1")
+        _check(
+            all(0 < m < 1 for m in self.lr_milestones),
+            "schedule.lr_milestones",
+            self.lr_milestones,
+            "fractions of phase 1 strictly between 0 and 1",
+        )
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "a number >= 0")
 
 
@@ -127,17 +142,33 @@ class SparseConfig:
         _choice("sparse.method", self.method, ("set", "rigl", "granet"))
         _check(0 < self.density <= 1, "sparse.density", self.density, "a fraction of weights kept in (0, 1]")
         _choice("sparse.distribution", self.distribution, ("erk", "uniform"))
-        _check(self.update_interval >= 1, "sparse.update_interval", self.update_interval, "an integer >= 1 (steps)")
+        _check(
+            self.update_interval >= 1,
+            "sparse.update_interval",
+            self.update_interval,
+            "an integer >= 1 (steps)",
+        )
         _check(0 <= self.drop_fraction < 1, "sparse.drop_fraction", self.drop_fraction, "in [0, 1)")
         _choice("sparse.drop_fraction_schedule", self.drop_fraction_schedule, ("constant", "cosine"))
-        _check(0 <= self.drop_fraction_final <= self.drop_fraction, "sparse.drop_fraction_final",
-               self.drop_fraction_final, "in [0, sparse.drop_fraction]")
+        _check(
+            0 <= self.drop_fraction_final <= self.drop_fraction,
+            "sparse.drop_fraction_final",
+            self.drop_fraction_final,
+            "in [0, sparse.drop_fraction]",
+        )
         if self.method == "granet":
-            _check(self.density <= self.granet_initial_density <= 1, "sparse.granet_initial_density",
-                   self.granet_initial_density, f"in [sparse.density={self.density}, 1]")
-            _check(0 <= self.granet_prune_start_epoch <= self.granet_prune_end_epoch,
-                   "sparse.granet_prune_end_epoch", self.granet_prune_end_epoch,
-                   f">= sparse.granet_prune_start_epoch={self.granet_prune_start_epoch} >= 0")
+            _check(
+                self.density <= self.granet_initial_density <= 1,
+                "sparse.granet_initial_density",
+                self.granet_initial_density,
+                f"in [sparse.density={self.density}, 1]",
+            )
+            _check(
+                0 <= self.granet_prune_start_epoch <= self.granet_prune_end_epoch,
+                "sparse.granet_prune_end_epoch",
+                self.granet_prune_end_epoch,
+                f">= sparse.granet_prune_start_epoch={self.granet_prune_start_epoch} >= 0",
+            )
 
     @property
     def grow(self) -> str:
@@ -166,21 +197,46 @@ class TicketsConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_cycles >= 0, "tickets.num_cycles", self.num_cycles, "an integer >= 0")
-        _check(self.cycle_epochs is None or self.cycles_fraction is None, "tickets.cycle_epochs",
-               self.cycle_epochs, "set at most one of tickets.cycle_epochs and tickets.cycles_fraction")
-        _check(self.cycle_epochs is None or self.cycle_epochs > 0, "tickets.cycle_epochs", self.cycle_epochs,
-               "a positive number")
-        _check(self.cycles_fraction is None or 0 < self.cycles_fraction < 1, "tickets.cycles_fraction",
-               self.cycles_fraction, "a fraction in (0, 1)")
-        _check(0 < self.lr_low <= self.lr_high, "tickets.lr_low", self.lr_low,
-               f"a positive number <= tickets.lr_high={self.lr_high}")
-        _check(0 <= self.reexplore_fraction < 1, "tickets.reexplore_fraction", self.reexplore_fraction, "in [0, 1)")
+        _check(
+            self.cycle_epochs is None or self.cycles_fraction is None,
+            "tickets.cycle_epochs",
+            self.cycle_epochs,
+            "set at most one of tickets.cycle_epochs and tickets.cycles_fraction",
+        )
+        _check(
+            self.cycle_epochs is None or self.cycle_epochs > 0,
+            "tickets.cycle_epochs",
+            self.cycle_epochs,
+            "a positive number",
+        )
+        _check(
+            self.cycles_fraction is None or 0 < self.cycles_fraction < 1,
+            "tickets.cycles_fraction",
+            self.cycles_fraction,
+            "a fraction in (0, 1)",
+        )
+        _check(
+            0 < self.lr_low <= self.lr_high,
+            "tickets.lr_low",
+            self.lr_low,
+            f"a positive number <= tickets.lr_high={self.lr_high}",
+        )
+        _check(
+            0 <= self.reexplore_fraction < 1,
+            "tickets.reexplore_fraction",
+            self.reexplore_fraction,
+            "in [0, 1)",
+        )
         _choice("tickets.mask_in_cycles", self.mask_in_cycles, ("frozen", "update"))
         _choice("tickets.merge", self.merge, ("caa", "ema"))
         _check(0 < self.ema_decay < 1, "tickets.ema_decay", self.ema_decay, "in (0, 1)")
         _choice("tickets.reprune", self.reprune, ("every", "end"))
-        _check(self.bn_recal_batches is None or self.bn_recal_batches > 0, "tickets.bn_recal_batches",
-               self.bn_recal_batches, "null (one pass) or a positive integer")
+        _check(
+            self.bn_recal_batches is None or self.bn_recal_batches > 0,
+            "tickets.bn_recal_batches",
+            self.bn_recal_batches,
+            "null (one pass) or a positive integer",
+        )
 
 
 @dataclass(kw_only=True)
@@ -197,7 +253,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1")
+        _check(
+            self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1"
+        )
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,9 @@ from .targets import Target
 INIT_TAG = 0x1A17  # separates init keys from topology-update keys of the same step
 
 
-def random_pieces(targets: Sequence[Target], seed: int, step: int, eligible: dict[str, torch.Tensor] | None = None) -> list[Piece]:
+def random_pieces(
+    targets: Sequence[Target], seed: int, step: int, eligible: dict[str, torch.Tensor] | None = None
+) -> list[Piece]:
     """Selection pieces scored by counter-based keys of (seed, step, layer, flat index)."""
     return [
         Piece(

@@ -60,6 +60,11 @@ def ordered_keys(scores: torch.Tensor, bits: int) -> torch.Tensor:
     return signed_order ^ sign  # flip the sign bit: signed order -> unsigned order
 
 
+def _positions(candidates: torch.Tensor | None, condition: torch.Tensor) -> torch.Tensor:
+    """Piece positions of the candidates where ``condition`` holds (None: all positions)."""
+    return condition.nonzero()[:, 0] if candidates is None else candidates[condition]
+
+
 def _radix_smallest(
     key_at: Callable[[int, torch.Tensor | None], torch.Tensor],
     sizes: Sequence[int],
@@ -101,10 +106,8 @@ def _radix_smallest(
             if d is None or (bool(undecided[groups[i]]) and not bool(resolved[groups[i]])):
                 continue
             g, p = groups[i], int(pivot[groups[i]])
-            positions = candidates[i]
-            take = lambda cond: cond.nonzero()[:, 0] if positions is None else positions[cond]  # noqa: E731
-            selected[i].append(take(d < p))
-            candidates[i] = take(d == p)
+            selected[i].append(_positions(candidates[i], d < p))
+            candidates[i] = _positions(candidates[i], d == p)
             if bool(resolved[g]):
                 if int(remaining[g]) > 0:
                     selected[i].append(candidates[i])
@@ -142,8 +145,10 @@ def _lowest_indices(
         owed -= torch.where(pivot > 0, cum_below.gather(1, (pivot - 1).clamp(min=0)[:, None])[:, 0], 0)
         prefix += pivot << shift
     # prefix[g] is now the global index of the last element owed (or 0 where none was owed)
-    return [(gi[gi <= prefix[p.group]] if int(owed[p.group]) > 0 else gi[:0]) - p.offset
-            for p, gi in zip(pieces, global_index)]
+    return [
+        (gi[gi <= prefix[p.group]] if int(owed[p.group]) > 0 else gi[:0]) - p.offset
+        for p, gi in zip(pieces, global_index)
+    ]
 
 
 def top_k_masks(

@@ -36,7 +36,9 @@ class Target:
         return math.prod(self.shape)
 
 
-def whole_tensor_target(name: str, param: torch.nn.Parameter, optimizer: torch.optim.Optimizer | None) -> Target:
+def whole_tensor_target(
+    name: str, param: torch.nn.Parameter, optimizer: torch.optim.Optimizer | None
+) -> Target:
     """Target for an unsharded parameter (one process, DDP): grads and torch-optimizer state
     tensors shaped like the parameter (momentum, Adam moments) are used as they are."""
 

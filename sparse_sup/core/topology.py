@@ -34,7 +34,12 @@ def _grow_gradient(targets, eligible, step, seed, scores):  # RigL: largest |den
 GROW_CRITERIA: dict[str, GrowCriterion] = {"random": _grow_random, "gradient": _grow_gradient}
 
 
-def _commit(targets: Sequence[Target], state: MaskState, new_masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor] | None = None) -> None:
+def _commit(
+    targets: Sequence[Target],
+    state: MaskState,
+    new_masks: dict[str, torch.Tensor],
+    reset: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Install ``new_masks`` in place; zero weights and optimizer state outside them and at the
     ``reset`` positions (newly grown weights start at 0 with zero optimizer state)."""
     for t in targets:

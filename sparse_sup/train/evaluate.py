@@ -35,11 +35,14 @@ def evaluate(
     for images, labels in make_loader(dataset, sampler, num_workers):
         images, labels = images.to(device, dtype), labels.to(device)
         logits = model(images).float()
-        totals += torch.tensor([
-            (logits.argmax(1) == labels).sum().item(),
-            F.cross_entropy(logits, labels, reduction="sum").item(),
-            labels.numel(),
-        ], dtype=torch.float64)
+        totals += torch.tensor(
+            [
+                (logits.argmax(1) == labels).sum().item(),
+                F.cross_entropy(logits, labels, reduction="sum").item(),
+                labels.numel(),
+            ],
+            dtype=torch.float64,
+        )
         last = images
     if lockstep:
         most = max(len(EvalShardSampler(len(dataset), batch_size, world, r)) for r in range(world))
@@ -51,9 +54,16 @@ def evaluate(
     return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": int(count)}
 
 
-def recalibration_batches(dataset, batch_size: int, num_batches: int | None, seed: int,
-                          collectives: Collectives, device: torch.device, dtype: torch.dtype,
-                          lockstep: bool = False):
+def recalibration_batches(
+    dataset,
+    batch_size: int,
+    num_batches: int | None,
+    seed: int,
+    collectives: Collectives,
+    device: torch.device,
+    dtype: torch.dtype,
+    lockstep: bool = False,
+):
     """Training images (no augmentation) for BN recalibration, in batches whose content does not
     depend on the world size: batch j holds a fixed seeded slice and goes to rank j mod W.
     With ``lockstep`` every rank yields the same number of items (``Discard``: forward only)."""
@@ -68,6 +78,6 @@ def recalibration_batches(dataset, batch_size: int, num_batches: int | None, see
     rounds = -(-total // world) if lockstep else len(mine)
     for i in range(rounds):
         j = mine[i] if i < len(mine) else 0
-        keys = [(0, int(k)) for k in order[j * batch_size:(j + 1) * batch_size]]
+        keys = [(0, int(k)) for k in order[j * batch_size : (j + 1) * batch_size]]
         images = dataset.get_batch(keys)[0].to(device, dtype)
         yield images if i < len(mine) else Discard(images)

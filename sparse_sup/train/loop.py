@@ -48,19 +48,35 @@ class LoopHooks(EngineHooks):
 
     def on_superposed(self, engine: SupTicketsEngine, index: int) -> None:
         if engine.chain.masks:  # re-pruned S
-            self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt",
-                            masks=engine.chain.masks, density=engine.chain_density())
+            self.run.record(
+                f"S_{index + 1}",
+                engine,
+                snapshot=f"superposed_{index + 1}.pt",
+                masks=engine.chain.masks,
+                density=engine.chain_density(),
+            )
         else:  # re-prune deferred to the end: S_i is the union of the tickets' supports
             self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt")
 
     def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
         counts = engine.masks.counts
         per_layer = {t.name: counts[t.name] / t.numel for t in engine.targets}
-        log.info("step %d %s: density %.4f (layers %.3f..%.3f), %d weights moved", engine.step, kind,
-                 engine.masks.density(engine.targets), min(per_layer.values()), max(per_layer.values()),
-                 sum(swapped.values()))
-        self.run.metrics.write(event=kind, step=engine.step, density=engine.masks.density(engine.targets),
-                               layer_density=per_layer, moved=swapped)
+        log.info(
+            "step %d %s: density %.4f (layers %.3f..%.3f), %d weights moved",
+            engine.step,
+            kind,
+            engine.masks.density(engine.targets),
+            min(per_layer.values()),
+            max(per_layer.values()),
+            sum(swapped.values()),
+        )
+        self.run.metrics.write(
+            event=kind,
+            step=engine.step,
+            density=engine.masks.density(engine.targets),
+            layer_density=per_layer,
+            moved=swapped,
+        )
 
 
 class Run:
@@ -99,13 +115,21 @@ class Run:
         else:
             self.backend = LocalBackend(self.model, self.optimizer, self.p.target_names, self.dp)
         self.engine = SupTicketsEngine(
-            sparse=c.sparse, tickets=c.tickets, schedule=c.schedule, base_lr=c.optim.lr, plan=self.p.plan,
-            backend=self.backend, seed=c.experiment.seed, hooks=LoopHooks(self),
+            sparse=c.sparse,
+            tickets=c.tickets,
+            schedule=c.schedule,
+            base_lr=c.optim.lr,
+            plan=self.p.plan,
+            backend=self.backend,
+            seed=c.experiment.seed,
+            hooks=LoopHooks(self),
         )
         self.engine.init_masks()
         counts = self.engine.masks.counts
-        log.info("layer densities: %s", ", ".join(
-            f"{t.name}={counts[t.name] / t.numel:.3f}" for t in self.engine.targets))
+        log.info(
+            "layer densities: %s",
+            ", ".join(f"{t.name}={counts[t.name] / t.numel:.3f}" for t in self.engine.targets),
+        )
 
     # ---- evaluation, BN, snapshots ------------------------------------------------------------
     @property
@@ -120,46 +144,88 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         d = self.config.data
         sync_buffers(self.module, self.dp)  # BN buffers identical on every rank before evaluating
-        return evaluate(self.module, self.p.eval_set, d.eval_batch_size, self.dp, self.accelerator.device,
-                        d.num_workers, lockstep=self.lockstep)
+        return evaluate(
+            self.module,
+            self.p.eval_set,
+            d.eval_batch_size,
+            self.dp,
+            self.accelerator.device,
+            d.num_workers,
+            lockstep=self.lockstep,
+        )
 
     def recalibrate_bn(self) -> None:
         t, d = self.config.tickets, self.config.data
-        batches = recalibration_batches(self.p.bn_set, d.eval_batch_size, t.bn_recal_batches,
-                                        self.config.experiment.seed, self.dp, self.accelerator.device,
-                                        self.dtype, lockstep=self.lockstep)
+        batches = recalibration_batches(
+            self.p.bn_set,
+            d.eval_batch_size,
+            t.bn_recal_batches,
+            self.config.experiment.seed,
+            self.dp,
+            self.accelerator.device,
+            self.dtype,
+            lockstep=self.lockstep,
+        )
         recalibrate_batchnorm(self.module, batches, self.dp)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """Whole tensors (collective under FSDP2: every rank must call it)."""
         return self.backend.full_state()
 
-    def record(self, label: str, engine: SupTicketsEngine, snapshot: str | None = None,
-               masks: dict | None = None, density: float | None = None) -> None:
+    def record(
+        self,
+        label: str,
+        engine: SupTicketsEngine,
+        snapshot: str | None = None,
+        masks: dict | None = None,
+        density: float | None = None,
+    ) -> None:
         result = self.evaluate()
-        result.update(step=engine.step, density=engine.masks.density(engine.targets) if density is None else density)
+        result.update(
+            step=engine.step, density=engine.masks.density(engine.targets) if density is None else density
+        )
         self.results[label] = result
-        log.info("%s: accuracy %.2f%%, loss %.4f (step %d, density %.4f)", label, 100 * result["accuracy"],
-                 result["loss"], engine.step, result["density"])
+        log.info(
+            "%s: accuracy %.2f%%, loss %.4f (step %d, density %.4f)",
+            label,
+            100 * result["accuracy"],
+            result["loss"],
+            engine.step,
+            result["density"],
+        )
         self.metrics.write(event="eval", label=label, **result)
         if snapshot and self.config.train.save_tickets:
             state = self.model_state()
             full_masks = self.backend.full_masks(masks if masks is not None else engine.masks.masks)
             if self.is_main:
-                save_model_snapshot(self.run_dir / "tickets" / snapshot, state, full_masks,
-                                    {"label": label, "step": engine.step, **result})
+                save_model_snapshot(
+                    self.run_dir / "tickets" / snapshot,
+                    state,
+                    full_masks,
+                    {"label": label, "step": engine.step, **result},
+                )
 
     # ---- training ------------------------------------------------------------------------------
     def train(self) -> dict:
         c, plan, engine = self.config, self.p.plan, self.engine
         acc = self.accelerator
         accum = c.schedule.grad_accum_steps
-        sampler = GlobalBatchSampler(len(self.p.train_set), c.schedule.batch_size, acc.num_processes,
-                                     acc.process_index, accum, c.experiment.seed)
+        sampler = GlobalBatchSampler(
+            len(self.p.train_set),
+            c.schedule.batch_size,
+            acc.num_processes,
+            acc.process_index,
+            accum,
+            c.experiment.seed,
+        )
         loader = make_loader(self.p.train_set, sampler, c.data.num_workers)
         last_step = min(plan.total_steps, c.train.max_steps or plan.total_steps)
-        bar = tqdm(total=last_step, disable=not (self.is_main and c.train.progress_bar), unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=last_step,
+            disable=not (self.is_main and c.train.progress_bar),
+            unit="step",
+            dynamic_ncols=True,
+        )
         window_loss, window_n, window_start, skipped = 0.0, 0, time.perf_counter(), 0
         self.model.train()
         while engine.step < last_step:
@@ -174,20 +240,41 @@ class Run:
                 window_loss, window_n = window_loss + loss, window_n + 1
                 bar.update(1)
                 phase, cycle = engine.phase(engine.step - 1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{engine.lr(engine.step - 1):.2e}",
-                                phase=phase if cycle is None else f"cycle {cycle + 1}")
+                bar.set_postfix(
+                    loss=f"{loss:.3f}",
+                    lr=f"{engine.lr(engine.step - 1):.2e}",
+                    phase=phase if cycle is None else f"cycle {cycle + 1}",
+                )
                 if engine.step % c.train.log_every == 0 or engine.step == last_step:
                     rate = window_n / (time.perf_counter() - window_start)
-                    log.info("step %d/%d epoch %d %s | loss %.4f | lr %.2e | density %.4f | %.2f steps/s%s",
-                             engine.step, last_step, epoch, phase if cycle is None else f"cycle {cycle + 1}",
-                             window_loss / window_n, engine.lr(engine.step - 1),
-                             engine.masks.density(engine.targets), rate,
-                             f" | {skipped} skipped" if skipped else "")
-                    self.metrics.write(event="train", step=engine.step, epoch=epoch, loss=window_loss / window_n,
-                                       lr=engine.lr(engine.step - 1), phase=phase, cycle=cycle,
-                                       density=engine.masks.density(engine.targets), steps_per_s=rate)
+                    log.info(
+                        "step %d/%d epoch %d %s | loss %.4f | lr %.2e | density %.4f | %.2f steps/s%s",
+                        engine.step,
+                        last_step,
+                        epoch,
+                        phase if cycle is None else f"cycle {cycle + 1}",
+                        window_loss / window_n,
+                        engine.lr(engine.step - 1),
+                        engine.masks.density(engine.targets),
+                        rate,
+                        f" | {skipped} skipped" if skipped else "",
+                    )
+                    self.metrics.write(
+                        event="train",
+                        step=engine.step,
+                        epoch=epoch,
+                        loss=window_loss / window_n,
+                        lr=engine.lr(engine.step - 1),
+                        phase=phase,
+                        cycle=cycle,
+                        density=engine.masks.density(engine.targets),
+                        steps_per_s=rate,
+                    )
                     window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
-                if c.train.eval_every_epochs and engine.step % max(1, round(c.train.eval_every_epochs * plan.steps_per_epoch)) == 0:
+                if (
+                    c.train.eval_every_epochs
+                    and engine.step % max(1, round(c.train.eval_every_epochs * plan.steps_per_epoch)) == 0
+                ):
                     r = self.evaluate()
                     log.info("eval at step %d: accuracy %.2f%%", engine.step, 100 * r["accuracy"])
                     self.metrics.write(event="eval", label=f"step_{engine.step}", step=engine.step, **r)
@@ -244,14 +331,22 @@ class Run:
         final.update(step=engine.step, density=engine.masks.density(engine.targets))
         self.results["final"] = final
         label = f"S_{engine.num_tickets}" if engine.num_tickets else "final (no tickets)"
-        log.info("final model (%s): accuracy %.2f%%, density %.4f", label, 100 * final["accuracy"],
-                 final["density"])
+        log.info(
+            "final model (%s): accuracy %.2f%%, density %.4f",
+            label,
+            100 * final["accuracy"],
+            final["density"],
+        )
         summary = {
             "results": self.results,
             "final_is": label,
-            "plan": {"total_steps": self.p.plan.total_steps, "pre_steps": self.p.plan.pre_steps,
-                     "num_cycles": self.p.plan.num_cycles, "cycle_steps": self.p.plan.cycle_steps,
-                     "cycles_fraction": self.p.plan.cycles_fraction},
+            "plan": {
+                "total_steps": self.p.plan.total_steps,
+                "pre_steps": self.p.plan.pre_steps,
+                "num_cycles": self.p.plan.num_cycles,
+                "cycle_steps": self.p.plan.cycle_steps,
+                "cycles_fraction": self.p.plan.cycles_fraction,
+            },
             "steps_completed": engine.step,
             "skipped_steps": skipped,
             "model": self.config.model.name,
@@ -263,11 +358,16 @@ class Run:
         state = self.model_state()
         full_masks = self.backend.full_masks(engine.masks.masks)
         if self.is_main:
-            meta = {"model": self.config.model.name, "num_classes": self.config.model.num_classes,
-                    "cifar_stem": self.config.model.cifar_stem, "density": final["density"]}
+            meta = {
+                "model": self.config.model.name,
+                "num_classes": self.config.model.num_classes,
+                "cifar_stem": self.config.model.cifar_stem,
+                "density": final["density"],
+            }
             export_safetensors(self.run_dir / "final" / "model.safetensors", state, meta)
-            save_model_snapshot(self.run_dir / "final" / "model_and_masks.pt", state, full_masks,
-                                {"label": label, **final})
+            save_model_snapshot(
+                self.run_dir / "final" / "model_and_masks.pt", state, full_masks, {"label": label, **final}
+            )
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -277,5 +377,7 @@ def summary_table(summary: dict) -> str:
     rows = ["| model | accuracy | loss | density | step |", "|---|---|---|---|---|"]
     for label, r in summary["results"].items():
         name = f"final = {summary['final_is']}" if label == "final" else label
-        rows.append(f"| {name} | {100 * r['accuracy']:.2f}% | {r['loss']:.4f} | {r['density']:.4f} | {r['step']} |")
+        rows.append(
+            f"| {name} | {100 * r['accuracy']:.2f}% | {r['loss']:.4f} | {r['density']:.4f} | {r['step']} |"
+        )
     return "\n".join(rows)

@@ -29,9 +29,12 @@ def run_training(config: Config) -> int:
     summary = run.train()
     if accelerator.is_main_process:
         print()
-        print(f"Sup-tickets on {config.model.name}, {config.sparse.method}, density {config.sparse.density}, "
-              f"{summary['plan']['num_cycles']} tickets ({100 * summary['plan']['cycles_fraction']:.0f}% of the "
-              f"budget in cycles), world size {summary['world_size']}")
+        plan = summary["plan"]
+        print(
+            f"Sup-tickets on {config.model.name}, {config.sparse.method}, density {config.sparse.density}, "
+            f"{plan['num_cycles']} tickets ({100 * plan['cycles_fraction']:.0f}% of the budget in cycles), "
+            f"world size {summary['world_size']}"
+        )
         print(summary_table(summary))
         print(f"\nrun directory: {prepared.run_dir}")
     return _exit(accelerator, 0)

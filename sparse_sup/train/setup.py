@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 from ..config import Config, StepPlan, resolve_plan
-from ..data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ImageClassificationDataset, load_split_datasets
+from ..data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageClassificationDataset,
+    load_split_datasets,
+)
 from ..models import build_model, select_targets
 
 log = logging.getLogger(__name__)
@@ -67,8 +74,13 @@ def prepare(config: Config) -> Prepared:
             f"model.num_classes={num_classes} is smaller than the dataset's {splits.num_classes} classes"
         )
     torch.manual_seed(config.experiment.seed)  # model init
-    model = build_model(config.model.name, num_classes, cifar_stem=config.model.cifar_stem,
-                        drop_rate=config.model.drop_rate, kwargs=config.model.kwargs)
+    model = build_model(
+        config.model.name,
+        num_classes,
+        cifar_stem=config.model.cifar_stem,
+        drop_rate=config.model.drop_rate,
+        kwargs=config.model.kwargs,
+    )
     target_names = select_targets(model, config.sparse.include, config.sparse.exclude or None)
     if not target_names:
         raise ValueError("no parameter is sparsified: check sparse.include / sparse.exclude")
@@ -82,4 +94,6 @@ def prepare(config: Config) -> Prepared:
     else:
         bn_set = ImageClassificationDataset(train_hf, train=False, **common)
     plan = resolve_plan(config, len(train_set))
-    return Prepared(config, model, target_names, train_set, eval_set, bn_set, plan, run_dir, splits.class_names)
+    return Prepared(
+        config, model, target_names, train_set, eval_set, bn_set, plan, run_dir, splits.class_names
+    )

@@ -78,13 +78,24 @@ def make_data():
 
 
 def make_config(method: str):
-    return load_config(None, [
-        f"--sparse.method={method}", "--sparse.density=0.3", "--sparse.update_interval=3",
-        "--sparse.granet_initial_density=0.6", "--sparse.granet_prune_end_epoch=3",
-        f"--schedule.epochs=6", f"--schedule.batch_size={BATCH}", "--schedule.lr_milestones=[0.5]",
-        "--tickets.num_cycles=2", "--tickets.cycles_fraction=0.25", "--tickets.reexplore_fraction=0.5",
-        "--optim.lr=0.1", "--sparse.check_ranks=true",
-    ])
+    return load_config(
+        None,
+        [
+            f"--sparse.method={method}",
+            "--sparse.density=0.3",
+            "--sparse.update_interval=3",
+            "--sparse.granet_initial_density=0.6",
+            "--sparse.granet_prune_end_epoch=3",
+            "--schedule.epochs=6",
+            f"--schedule.batch_size={BATCH}",
+            "--schedule.lr_milestones=[0.5]",
+            "--tickets.num_cycles=2",
+            "--tickets.cycles_fraction=0.25",
+            "--tickets.reexplore_fraction=0.5",
+            "--optim.lr=0.1",
+            "--sparse.check_ranks=true",
+        ],
+    )
 
 
 class Recorder(EngineHooks):
@@ -99,7 +110,8 @@ class Recorder(EngineHooks):
 
     def on_superposed(self, engine, index):
         self.run.superposed.append(
-            {"accuracy": self.run.accuracy(), "state": self.run.full_state(), "step": engine.step})
+            {"accuracy": self.run.accuracy(), "state": self.run.full_state(), "step": engine.step}
+        )
 
 
 class ToyRun:
@@ -124,18 +136,30 @@ class ToyRun:
             if mode == "ddp":
                 self.model = nn.parallel.DistributedDataParallel(model)
                 self.module = model
-                self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+                self.optimizer = torch.optim.SGD(
+                    self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
+                )
                 backend = LocalBackend(self.model, self.optimizer, TARGETS, self.dp)
             else:
                 from sparse_sup.backends.fsdp2 import FSDP2Backend, fsdp2_shard_model
 
                 self.model = self.module = fsdp2_shard_model(model)
-                self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+                self.optimizer = torch.optim.SGD(
+                    self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
+                )
                 backend = FSDP2Backend(self.model, self.optimizer, TARGETS)
         self.backend = backend
         self.events, self.superposed = [], []
-        self.engine = SupTicketsEngine(sparse=config.sparse, tickets=config.tickets, schedule=config.schedule,
-                                       base_lr=0.1, plan=self.plan, backend=backend, seed=7, hooks=Recorder(self))
+        self.engine = SupTicketsEngine(
+            sparse=config.sparse,
+            tickets=config.tickets,
+            schedule=config.schedule,
+            base_lr=0.1,
+            plan=self.plan,
+            backend=backend,
+            seed=7,
+            hooks=Recorder(self),
+        )
 
     def full_masks(self, masks):
         return {k: v.clone() for k, v in self.backend.full_masks(masks).items()}
@@ -144,8 +168,14 @@ class ToyRun:
         return {k: v.detach().clone() for k, v in self.backend.full_state().items()}
 
     def accuracy(self):
-        return evaluate(self.module, self.test_data, EVAL_BATCH, self.dp, torch.device("cpu"),
-                        lockstep=self.mode == "fsdp2")
+        return evaluate(
+            self.module,
+            self.test_data,
+            EVAL_BATCH,
+            self.dp,
+            torch.device("cpu"),
+            lockstep=self.mode == "fsdp2",
+        )
 
     def recalibrate(self):
         """Batch j of a fixed order goes to rank j mod W; lockstep padding under FSDP2."""
@@ -153,11 +183,13 @@ class ToyRun:
         num = NUM_TRAIN // BN_BATCH
         mine = list(range(self.dp.rank, num, self.dp.world_size))
         rounds = -(-num // self.dp.world_size) if self.mode == "fsdp2" else len(mine)
+
         def batches():
             for i in range(rounds):
                 j = mine[i] if i < len(mine) else 0
-                x = self.train_data.x[order[j * BN_BATCH:(j + 1) * BN_BATCH]]
+                x = self.train_data.x[order[j * BN_BATCH : (j + 1) * BN_BATCH]]
                 yield x if i < len(mine) else Discard(x)
+
         recalibrate_batchnorm(self.module, batches(), self.dp, forward=self.model)
 
     def recalibrate_and_evaluate(self):
@@ -179,14 +211,19 @@ class ToyRun:
                 g["lr"] = self.engine.lr()
             self.optimizer.zero_grad(set_to_none=True)
             for r in slices:
-                idx = torch.tensor(batch[r * micro:(r + 1) * micro])
+                idx = torch.tensor(batch[r * micro : (r + 1) * micro])
                 loss = F.cross_entropy(self.model(self.train_data.x[idx]), self.train_data.y[idx])
                 (loss / len(slices)).backward()
             self.engine.before_optimizer_step()
             self.optimizer.step()
             self.engine.after_optimizer_step()
-        return {"events": self.events, "superposed": self.superposed, "final": self.full_state(),
-                "step": self.engine.step, "world": self.world}
+        return {
+            "events": self.events,
+            "superposed": self.superposed,
+            "final": self.full_state(),
+            "step": self.engine.step,
+            "world": self.world,
+        }
 
 
 def main() -> None:

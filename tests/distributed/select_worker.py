@@ -56,11 +56,11 @@ def main() -> None:
                 full = torch.zeros(len(v), dtype=torch.bool)
                 for per_rank in gathered:
                     offset, m = per_rank[gid]
-                    full[offset:offset + len(m)] = m
-                key = (v + 0.0)
+                    full[offset : offset + len(m)] = m
+                key = v + 0.0
                 order = torch.sort(key, descending=largest, stable=True).indices
                 expected = torch.zeros(len(v), dtype=torch.bool)
-                expected[order[:k[gid]]] = True
+                expected[order[: k[gid]]] = True
                 assert torch.equal(full, expected), (trial, gid, v, k[gid], full, expected)
                 if k[gid]:
                     ref = torch.topk(v, k[gid], largest=largest).values.sort().values

@@ -20,8 +20,15 @@ import equivalence_worker  # noqa: E402
 
 def torchrun(nproc: int, script: str, *args: str, timeout: int = 300) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(HERE / script),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -47,9 +54,16 @@ def references(tmp_path_factory):
     torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize("mode, world, method", [
-    ("ddp", 2, "rigl"), ("fsdp2", 2, "granet"), ("ddp", 4, "set"), ("fsdp2", 4, "rigl"), ("fsdp2", 3, "granet"),
-])
+@pytest.mark.parametrize(
+    "mode, world, method",
+    [
+        ("ddp", 2, "rigl"),
+        ("fsdp2", 2, "granet"),
+        ("ddp", 4, "set"),
+        ("fsdp2", 4, "rigl"),
+        ("fsdp2", 3, "granet"),
+    ],
+)
 def test_run_matches_single_process_reference(tmp_path, references, mode, world, method):
     out = tmp_path / "result.pt"
     torchrun(world, "equivalence_worker.py", "--mode", mode, "--method", method, "--out", str(out))

@@ -16,10 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_accelerate_launch_two_cpu_processes(tmp_path, engine):
     run_dir = tmp_path / engine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch" / "accelerate" / f"{engine}-cpu.yaml"), "train.py",
-           "--config", "configs/tiny-test.yaml", f"--experiment.output_dir={run_dir}", "--schedule.epochs=3",
-           "--sparse.check_ranks=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch" / "accelerate" / f"{engine}-cpu.yaml"),
+        "train.py",
+        "--config",
+        "configs/tiny-test.yaml",
+        f"--experiment.output_dir={run_dir}",
+        "--schedule.epochs=3",
+        "--sparse.check_ranks=true",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"parallelism: {engine} over 2 process(es)" in proc.stderr

@@ -18,8 +18,11 @@ TINY = str(ROOT / "configs" / "tiny-test.yaml")
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -46,8 +49,9 @@ def existing_run(tmp_path: Path) -> Path:
 )
 def test_bad_config_stops_early_and_keeps_run_dir(existing_run, capsys, override, message):
     before = _tree_digest(existing_run)
-    code = main(["--config", TINY, f"--experiment.output_dir={existing_run}", "--experiment.overwrite=true",
-                 override])
+    code = main(
+        ["--config", TINY, f"--experiment.output_dir={existing_run}", "--experiment.overwrite=true", override]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
@@ -65,7 +69,10 @@ def test_train_py_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", TINY, f"--experiment.output_dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for label in ("| P |", "| T_1 |", "| T_2 |", "| S_2 |", "| final = S_2 |"):

@@ -36,22 +36,26 @@ def test_imagenet_recipe_budget():
 
 
 def test_granet_preset_inherits_and_overrides():
-    config = load_config(CONFIGS[0].parent / "cifar10-resnet50-granet.yaml",
-                         ["--sparse.density=0.05", "--optim.lr=0.2"])
+    config = load_config(
+        CONFIGS[0].parent / "cifar10-resnet50-granet.yaml", ["--sparse.density=0.05", "--optim.lr=0.2"]
+    )
     assert config.sparse.method == "granet" and config.sparse.granet_prune_end_epoch == 110
     assert config.sparse.density == 0.05 and config.optim.lr == 0.2
     assert config.model.name == "resnet50" and config.tickets.cycle_epochs == 8
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("--sparse.density=-0.1", "sparse.density=-0.1"),
-    ("--optim.lr=fast", "optim.lr='fast'"),
-    ("--tickets.merge=median", "tickets.merge='median'"),
-    ("--nosuch.key=1", "unknown config section 'nosuch'"),
-    ("--train.precision=fp8", "train.precision"),
-    ("--schedule.lr_milestones=[0.5, 1.5]", "schedule.lr_milestones"),
-    ("--schedule.grad_accum_steps=true", "schedule.grad_accum_steps"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--sparse.density=-0.1", "sparse.density=-0.1"),
+        ("--optim.lr=fast", "optim.lr='fast'"),
+        ("--tickets.merge=median", "tickets.merge='median'"),
+        ("--nosuch.key=1", "unknown config section 'nosuch'"),
+        ("--train.precision=fp8", "train.precision"),
+        ("--schedule.lr_milestones=[0.5, 1.5]", "schedule.lr_milestones"),
+        ("--schedule.grad_accum_steps=true", "schedule.grad_accum_steps"),
+    ],
+)
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ValueError, match=None) as info:
         load_config(None, [override])

@@ -100,8 +100,16 @@ TOY_NAMES = ["0.weight", "2.weight", "4.weight", "7.weight", "9.weight"]
 def _toy_targets(seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 1),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 1),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
     return model, LocalBackend(model, None, TOY_NAMES).targets()
 
@@ -120,7 +128,7 @@ def test_initialize_exact_counts(distribution: str, density: float) -> None:
         m = state.masks[t.name]
         assert m.dtype == torch.bool and m.shape == t.param.shape
         assert bool((t.param[~m] == 0).all())  # weights outside the mask are zeroed
-        assert bool((t.param[m] != 0).all())   # and the kept ones are untouched (non-zero init)
+        assert bool((t.param[m] != 0).all())  # and the kept ones are untouched (non-zero init)
     assert dict(model.named_parameters())["0.weight"].data_ptr() == targets[0].param.data_ptr()
 
 
@@ -164,13 +172,16 @@ def test_phase_plan_without_cycles() -> None:
     assert all(plan.cycle_start(s) is None and plan.cycle_end(s) is None for s in range(11))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(total_steps=12, num_cycles=3, cycle_steps=4),   # no phase-1 step left
-    dict(total_steps=12, num_cycles=4, cycle_steps=4),   # more than the budget
-    dict(total_steps=12, num_cycles=-1, cycle_steps=4),
-    dict(total_steps=12, num_cycles=1, cycle_steps=-2),
-    dict(total_steps=0, num_cycles=0, cycle_steps=0),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(total_steps=12, num_cycles=3, cycle_steps=4),  # no phase-1 step left
+        dict(total_steps=12, num_cycles=4, cycle_steps=4),  # more than the budget
+        dict(total_steps=12, num_cycles=-1, cycle_steps=4),
+        dict(total_steps=12, num_cycles=1, cycle_steps=-2),
+        dict(total_steps=0, num_cycles=0, cycle_steps=0),
+    ],
+)
 def test_bad_phase_plans_raise(kwargs) -> None:
     with pytest.raises(ValueError):
         PhasePlan(**kwargs)
@@ -253,12 +264,20 @@ def test_drop_fraction_schedules() -> None:
 
 # --- resolve_plan and config errors ------------------------------------------------------------
 def test_resolve_plan_values() -> None:
-    cfg = load_config(None, [
-        "--schedule.epochs=10", "--schedule.batch_size=16", "--tickets.num_cycles=2",
-        "--tickets.cycle_epochs=1.5", "--tickets.cycles_fraction=null", "--sparse.method=granet",
-        "--sparse.granet_prune_start_epoch=1",
-        "--sparse.granet_prune_end_epoch=4", "--schedule.warmup_epochs=0.5",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "--schedule.epochs=10",
+            "--schedule.batch_size=16",
+            "--tickets.num_cycles=2",
+            "--tickets.cycle_epochs=1.5",
+            "--tickets.cycles_fraction=null",
+            "--sparse.method=granet",
+            "--sparse.granet_prune_start_epoch=1",
+            "--sparse.granet_prune_end_epoch=4",
+            "--schedule.warmup_epochs=0.5",
+        ],
+    )
     plan = resolve_plan(cfg, 165)  # 10 steps per epoch (the remainder is dropped)
     assert plan.steps_per_epoch == 10
     assert plan.total_steps == 100
@@ -267,19 +286,41 @@ def test_resolve_plan_values() -> None:
     assert plan.lr_milestones == (35, 52)  # round(0.5 * 70), round(0.75 * 70)
     assert plan.prune_start == 10 and plan.prune_end == 40
     # the prune window is capped at the end of phase 1
-    cfg2 = load_config(None, ["--schedule.epochs=10", "--schedule.batch_size=16", "--tickets.num_cycles=1",
-                              "--tickets.cycles_fraction=0.2"])
+    cfg2 = load_config(
+        None,
+        [
+            "--schedule.epochs=10",
+            "--schedule.batch_size=16",
+            "--tickets.num_cycles=1",
+            "--tickets.cycles_fraction=0.2",
+        ],
+    )
     plan2 = resolve_plan(cfg2, 160)
     assert plan2.cycle_steps == 20 and plan2.pre_steps == 80 and plan2.prune_end == 80
 
 
 def test_cycles_that_do_not_fit_raise() -> None:
-    cfg = load_config(None, ["--schedule.epochs=2", "--schedule.batch_size=10", "--tickets.num_cycles=2",
-                             "--tickets.cycle_epochs=1", "--tickets.cycles_fraction=null"])
+    cfg = load_config(
+        None,
+        [
+            "--schedule.epochs=2",
+            "--schedule.batch_size=10",
+            "--tickets.num_cycles=2",
+            "--tickets.cycle_epochs=1",
+            "--tickets.cycles_fraction=null",
+        ],
+    )
     with pytest.raises(ValueError, match="tickets.num_cycles=2"):
         resolve_plan(cfg, 100)
-    cfg = load_config(None, ["--schedule.epochs=1", "--schedule.batch_size=10", "--tickets.num_cycles=1",
-                             "--tickets.cycles_fraction=0.1"])
+    cfg = load_config(
+        None,
+        [
+            "--schedule.epochs=1",
+            "--schedule.batch_size=10",
+            "--tickets.num_cycles=1",
+            "--tickets.cycles_fraction=0.1",
+        ],
+    )
     with pytest.raises(ValueError, match="too short"):  # a one-step cycle
         resolve_plan(cfg, 100)
     cfg = load_config(None, ["--schedule.batch_size=256"])
@@ -313,5 +354,6 @@ def test_unknown_key_lists_allowed_keys() -> None:
 
 def test_granet_initial_density_below_final_raises() -> None:
     with pytest.raises(ValueError, match="sparse.granet_initial_density"):
-        load_config(None, ["--sparse.method=granet", "--sparse.density=0.5",
-                           "--sparse.granet_initial_density=0.2"])
+        load_config(
+            None, ["--sparse.method=granet", "--sparse.density=0.5", "--sparse.granet_initial_density=0.2"]
+        )

@@ -25,12 +25,28 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def make_engine(overrides: list[str], model: nn.Module, opt: torch.optim.Optimizer, names: list[str],
-                num_samples: int, seed: int = 0, hooks: EngineHooks | None = None, base_lr: float = 0.1):
+def make_engine(
+    overrides: list[str],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    names: list[str],
+    num_samples: int,
+    seed: int = 0,
+    hooks: EngineHooks | None = None,
+    base_lr: float = 0.1,
+):
     cfg = load_config(None, overrides)
     plan = resolve_plan(cfg, num_samples)
-    engine = SupTicketsEngine(sparse=cfg.sparse, tickets=cfg.tickets, schedule=cfg.schedule, base_lr=base_lr,
-                              plan=plan, backend=LocalBackend(model, opt, names), seed=seed, hooks=hooks)
+    engine = SupTicketsEngine(
+        sparse=cfg.sparse,
+        tickets=cfg.tickets,
+        schedule=cfg.schedule,
+        base_lr=base_lr,
+        plan=plan,
+        backend=LocalBackend(model, opt, names),
+        seed=seed,
+        hooks=hooks,
+    )
     engine.init_masks()
     return engine
 
@@ -65,10 +81,18 @@ def mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
 
 
 # RigL (gradient regrowth), 2 cycles, updates every 5 steps: 30 steps, phase 1 = 20
-MLP_RUN = ["--sparse.method=rigl", "--sparse.density=0.2", "--sparse.update_interval=5",
-           "--schedule.epochs=6", "--schedule.batch_size=32", "--tickets.num_cycles=2",
-           "--tickets.cycle_epochs=1", "--tickets.cycles_fraction=null", "--tickets.mask_in_cycles=update",
-           "--schedule.lr_schedule=cosine"]
+MLP_RUN = [
+    "--sparse.method=rigl",
+    "--sparse.density=0.2",
+    "--sparse.update_interval=5",
+    "--schedule.epochs=6",
+    "--schedule.batch_size=32",
+    "--tickets.num_cycles=2",
+    "--tickets.cycle_epochs=1",
+    "--tickets.cycles_fraction=null",
+    "--tickets.mask_in_cycles=update",
+    "--schedule.lr_schedule=cosine",
+]
 MLP_SAMPLES = 160
 
 
@@ -136,8 +160,13 @@ def _train_mlp(skip_at: set[int]) -> tuple[nn.Module, SupTicketsEngine, list]:
         if step in skip_at:
             skip_at.discard(step)
             # an overflowing step: backward on other data, inf in a gradient, no optimizer step
-            before = (step, engine.lr(), engine.phase(), masks_of(engine),
-                      [p.clone() for p in model.parameters()])
+            before = (
+                step,
+                engine.lr(),
+                engine.phase(),
+                masks_of(engine),
+                [p.clone() for p in model.parameters()],
+            )
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[:32] * 3 + 1), y[:32]).backward()
             model[0].weight.grad[0, 0] = float("inf")
@@ -191,9 +220,17 @@ class SmallCNN(nn.Module):
 
 CNN_NAMES = ["conv1.weight", "conv2.weight", "fc.weight"]
 CNN_SAMPLES, CNN_BATCH = 160, 16
-CNN_RUN = ["--sparse.density=0.1", "--sparse.update_interval=5", "--schedule.epochs=6",
-           f"--schedule.batch_size={CNN_BATCH}", "--tickets.num_cycles=2", "--tickets.cycle_epochs=1",
-           "--tickets.cycles_fraction=null", "--tickets.lr_low=0.002", "--tickets.lr_high=0.02"]
+CNN_RUN = [
+    "--sparse.density=0.1",
+    "--sparse.update_interval=5",
+    "--schedule.epochs=6",
+    f"--schedule.batch_size={CNN_BATCH}",
+    "--tickets.num_cycles=2",
+    "--tickets.cycle_epochs=1",
+    "--tickets.cycles_fraction=null",
+    "--tickets.lr_low=0.002",
+    "--tickets.lr_high=0.02",
+]
 
 
 def cnn_data():
@@ -208,8 +245,9 @@ def train_cnn(overrides: list[str], seed: int, hooks: EngineHooks | None = None,
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     if hooks is not None:
         hooks.bind(model, opt, x)
-    engine = make_engine(CNN_RUN + overrides, model, opt, CNN_NAMES, CNN_SAMPLES, seed=seed, hooks=hooks,
-                         base_lr=0.05)
+    engine = make_engine(
+        CNN_RUN + overrides, model, opt, CNN_NAMES, CNN_SAMPLES, seed=seed, hooks=hooks, base_lr=0.05
+    )
     for step in range(engine.plan.total_steps):
         i = (step * CNN_BATCH) % CNN_SAMPLES
         opt.zero_grad()
@@ -347,9 +385,15 @@ def test_ticket_events_at_planned_steps(method: str) -> None:
 
 # --- (e) torch.compile -------------------------------------------------------------------------
 def test_compiled_model_same_masks_as_eager() -> None:
-    overrides = ["--sparse.method=rigl", "--sparse.density=0.3", "--sparse.update_interval=5",
-                 "--schedule.epochs=12", "--schedule.batch_size=16", "--tickets.num_cycles=0",
-                 "--schedule.lr_schedule=constant"]
+    overrides = [
+        "--sparse.method=rigl",
+        "--sparse.density=0.3",
+        "--sparse.update_interval=5",
+        "--schedule.epochs=12",
+        "--schedule.batch_size=16",
+        "--tickets.num_cycles=0",
+        "--schedule.lr_schedule=constant",
+    ]
     x, y = torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 5, (16,))
     eager = mlp(dtype=torch.float64)
     base = copy.deepcopy(eager)

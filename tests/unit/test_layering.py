@@ -16,8 +16,9 @@ PKG = Path(__file__).resolve().parents[2] / "sparse_sup"
 
 def _modules_after(code: str) -> set[str]:
     script = code + "\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))\n"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         cwd=PKG.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=PKG.parent
+    )
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -36,6 +37,8 @@ def test_core_tickets_engine_import_no_frameworks():
 
 def test_core_sources_do_not_import_process_groups():
     files = [PKG / "engine.py"] + [f for p in CORE_PACKAGES for f in (PKG / p).rglob("*.py")]
-    pattern = re.compile(r"^\s*(import|from)\s+(torch\.distributed|accelerate|deepspeed|transformers|timm|datasets)\b", re.M)
+    pattern = re.compile(
+        r"^\s*(import|from)\s+(torch\.distributed|accelerate|deepspeed|transformers|timm|datasets)\b", re.M
+    )
     offenders = [str(f.relative_to(PKG)) for f in files if pattern.search(f.read_text())]
     assert not offenders, f"layering violated in {offenders}"

@@ -78,8 +78,9 @@ def setup_with_states(kind: str, seed: int = 0):
 
 
 # --- drop and grow -----------------------------------------------------------------------------
-@pytest.mark.parametrize("grow,opt_kind", [("random", "sgd"), ("gradient", "sgd"), ("random", "adam"),
-                                           ("gradient", "adam")])
+@pytest.mark.parametrize(
+    "grow,opt_kind", [("random", "sgd"), ("gradient", "sgd"), ("random", "adam"), ("gradient", "adam")]
+)
 def test_drop_and_grow_invariants_over_20_updates(grow: str, opt_kind: str) -> None:
     model, opt, targets = setup_with_states(opt_kind)
     params = dict(model.named_parameters())
@@ -102,8 +103,16 @@ def test_drop_and_grow_invariants_over_20_updates(grow: str, opt_kind: str) -> N
         fraction = 0.3
         num_swap = {t.name: round(fraction * state.counts[t.name]) for t in targets}
         scores = {t.name: params[t.name].grad.abs() for t in targets}
-        swapped = drop_and_grow(targets, state, fraction, grow, step=100 + update, seed=7,
-                                collectives=LOCAL, grad_scores=scores if grow == "gradient" else None)
+        swapped = drop_and_grow(
+            targets,
+            state,
+            fraction,
+            grow,
+            step=100 + update,
+            seed=7,
+            collectives=LOCAL,
+            grad_scores=scores if grow == "gradient" else None,
+        )
         assert swapped == num_swap
         assert all(v > 0 for v in swapped.values())
         for t in targets:
@@ -300,10 +309,17 @@ RUNS = [
 @pytest.mark.parametrize("method,opt_kind,in_cycles", RUNS)
 def test_training_invariants_every_step(method: str, opt_kind: str, in_cycles: str) -> None:
     overrides = [
-        f"--sparse.method={method}", "--sparse.density=0.1", "--sparse.update_interval=5",
-        "--sparse.drop_fraction=0.3", "--schedule.epochs=6", f"--schedule.batch_size={BATCH}",
-        "--tickets.num_cycles=2", "--tickets.cycle_epochs=1", "--tickets.cycles_fraction=null",
-        f"--tickets.mask_in_cycles={in_cycles}", "--schedule.lr_schedule=cosine",
+        f"--sparse.method={method}",
+        "--sparse.density=0.1",
+        "--sparse.update_interval=5",
+        "--sparse.drop_fraction=0.3",
+        "--schedule.epochs=6",
+        f"--schedule.batch_size={BATCH}",
+        "--tickets.num_cycles=2",
+        "--tickets.cycle_epochs=1",
+        "--tickets.cycles_fraction=null",
+        f"--tickets.mask_in_cycles={in_cycles}",
+        "--schedule.lr_schedule=cosine",
     ]
     if method == "granet":
         overrides += ["--sparse.granet_initial_density=0.5", "--sparse.granet_prune_end_epoch=3"]
@@ -316,14 +332,23 @@ def test_training_invariants_every_step(method: str, opt_kind: str, in_cycles: s
     opt = make_optimizer(opt_kind, model.parameters())
     x, y = torch.randn(NUM_SAMPLES, 3, 6, 6), torch.randint(0, 10, (NUM_SAMPLES,))
     hooks = Recorder(model, x)
-    engine = SupTicketsEngine(sparse=cfg.sparse, tickets=cfg.tickets, schedule=cfg.schedule, base_lr=lr,
-                              plan=plan, backend=LocalBackend(model, opt, BN_TARGETS), seed=0, hooks=hooks)
+    engine = SupTicketsEngine(
+        sparse=cfg.sparse,
+        tickets=cfg.tickets,
+        schedule=cfg.schedule,
+        base_lr=lr,
+        plan=plan,
+        backend=LocalBackend(model, opt, BN_TARGETS),
+        seed=0,
+        hooks=hooks,
+    )
     engine.init_masks()
     params = dict(model.named_parameters())
     n_total = engine.total_target_weights
     init_counts = dict(engine.masks.counts)
-    assert list(init_counts.values()) == layer_counts([params[n].shape for n in BN_TARGETS],
-                                                      cfg.sparse.initial_density, "erk")
+    assert list(init_counts.values()) == layer_counts(
+        [params[n].shape for n in BN_TARGETS], cfg.sparse.initial_density, "erk"
+    )
     ptrs = None
     for step in range(plan.total_steps):
         i = (step * BATCH) % NUM_SAMPLES

@@ -27,8 +27,9 @@ def _one_thread():
 
 
 # --- reference ---------------------------------------------------------------------------------
-def reference_mask(values: torch.Tensor, k: int, largest: bool = True,
-                   eligible: torch.Tensor | None = None) -> torch.Tensor:
+def reference_mask(
+    values: torch.Tensor, k: int, largest: bool = True, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
     """Stable sort of the eligible elements in index order; the first k win."""
     flat = values.reshape(-1).to(torch.float64)
     elig = torch.ones_like(flat, dtype=torch.bool) if eligible is None else eligible.reshape(-1)
@@ -47,8 +48,16 @@ def split_points(n: int, parts: int, rng: random.Random) -> list[tuple[int, int]
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def select_split(values: torch.Tensor, k: int, parts: int, rng: random.Random, largest: bool = True,
-                 eligible: torch.Tensor | None = None, base: int = 0, shuffle: bool = True) -> torch.Tensor:
+def select_split(
+    values: torch.Tensor,
+    k: int,
+    parts: int,
+    rng: random.Random,
+    largest: bool = True,
+    eligible: torch.Tensor | None = None,
+    base: int = 0,
+    shuffle: bool = True,
+) -> torch.Tensor:
     """Run top_k_masks on ``values`` split into ``parts`` pieces of one group; reassemble."""
     flat = values.reshape(-1)
     elig = None if eligible is None else eligible.reshape(-1)
@@ -68,8 +77,9 @@ def select_split(values: torch.Tensor, k: int, parts: int, rng: random.Random, l
     return full.view(values.shape)
 
 
-def check_against_topk(values: torch.Tensor, mask: torch.Tensor, k: int, largest: bool,
-                       eligible: torch.Tensor | None = None) -> None:
+def check_against_topk(
+    values: torch.Tensor, mask: torch.Tensor, k: int, largest: bool, eligible: torch.Tensor | None = None
+) -> None:
     """The selected values are exactly the values torch.topk returns (as a multiset)."""
     flat = values.reshape(-1)
     pool = flat if eligible is None else flat[eligible.reshape(-1)]
@@ -82,8 +92,9 @@ def check_against_topk(values: torch.Tensor, mask: torch.Tensor, k: int, largest
 # --- ordered keys ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ordered_keys_follow_float_order(dtype: torch.dtype) -> None:
-    special = torch.tensor([float("-inf"), -1e30, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 1e30, float("inf")],
-                           dtype=dtype)
+    special = torch.tensor(
+        [float("-inf"), -1e30, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 1e30, float("inf")], dtype=dtype
+    )
     x = torch.cat([special, torch.randn(500, dtype=dtype) * 10, torch.randint(-3, 4, (100,)).to(dtype)])
     bits = key_bits(dtype)
     keys = ordered_keys(x, bits)
@@ -96,7 +107,8 @@ def test_ordered_keys_follow_float_order(dtype: torch.dtype) -> None:
         equal = (x == x[i]) == (signed == signed[i])
         assert bool(less.all()) and bool(equal.all())
     assert int(ordered_keys(torch.tensor([-0.0], dtype=dtype), bits)) == int(
-        ordered_keys(torch.tensor([0.0], dtype=dtype), bits))
+        ordered_keys(torch.tensor([0.0], dtype=dtype), bits)
+    )
 
 
 # --- agreement with the stable-sort reference --------------------------------------------------
@@ -173,8 +185,11 @@ def test_eligible_masks(dtype: torch.dtype, largest: bool) -> None:
     g = torch.Generator().manual_seed(3)
     rng = random.Random(3)
     for kind in ("random", "ties"):
-        values = (torch.randn(600, generator=g, dtype=torch.float64) if kind == "random"
-                  else torch.randint(0, 3, (600,), generator=g)).to(dtype)
+        values = (
+            torch.randn(600, generator=g, dtype=torch.float64)
+            if kind == "random"
+            else torch.randint(0, 3, (600,), generator=g)
+        ).to(dtype)
         eligible = torch.rand(600, generator=g) < 0.4
         n_elig = int(eligible.sum())
         for k in (0, 1, n_elig // 3, n_elig - 1, n_elig):
@@ -208,10 +223,10 @@ def test_multiple_groups_in_one_call(largest: bool) -> None:
     g = torch.Generator().manual_seed(11)
     rng = random.Random(11)
     groups = [
-        torch.randn(40, 30, generator=g),              # k = 0
+        torch.randn(40, 30, generator=g),  # k = 0
         torch.randint(-2, 3, (500,), generator=g).float(),  # k = all
-        torch.randn(7, generator=g),                    # k = some
-        torch.full((64,), 2.0),                          # all equal, k in the middle
+        torch.randn(7, generator=g),  # k = some
+        torch.full((64,), 2.0),  # all equal, k in the middle
         torch.randint(0, 2, (3, 3, 5), generator=g).float() * 0.0 * -1,  # signed zeros only
     ]
     eligibles = [None, None, None, torch.arange(64) % 3 != 0, None]
@@ -240,8 +255,11 @@ def test_multiple_groups_in_one_call(largest: bool) -> None:
 @pytest.mark.parametrize("kind", ["random", "ties"])
 def test_result_independent_of_piece_split(dtype: torch.dtype, kind: str) -> None:
     g = torch.Generator().manual_seed(5)
-    values = (torch.randn(2000, generator=g, dtype=torch.float64) if kind == "random"
-              else torch.randint(-1, 2, (2000,), generator=g)).to(dtype)
+    values = (
+        torch.randn(2000, generator=g, dtype=torch.float64)
+        if kind == "random"
+        else torch.randint(-1, 2, (2000,), generator=g)
+    ).to(dtype)
     eligible = torch.rand(2000, generator=g) < 0.7
     base = 2**40  # global offsets far above 2**32 exercise the upper index digits
     for largest in (True, False):
@@ -258,8 +276,14 @@ def test_result_independent_of_piece_split(dtype: torch.dtype, kind: str) -> Non
 def test_pieces_with_explicit_empty_middle_and_edges() -> None:
     values = torch.randint(0, 3, (50,)).float()
     expected = reference_mask(values, 20)
-    pieces = [Piece(values[:0], 0, 0), Piece(values[:10], 0, 0), Piece(values[10:10], 0, 10),
-              Piece(values[10:49], 0, 10), Piece(values[49:], 0, 49), Piece(values[50:], 0, 50)]
+    pieces = [
+        Piece(values[:0], 0, 0),
+        Piece(values[:10], 0, 0),
+        Piece(values[10:10], 0, 10),
+        Piece(values[10:49], 0, 10),
+        Piece(values[49:], 0, 49),
+        Piece(values[50:], 0, 50),
+    ]
     masks = top_k_masks(pieces[::-1], [20])[::-1]
     assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), expected)
 
@@ -271,9 +295,11 @@ def test_randomized_against_reference() -> None:
         dtype = rng.choice(DTYPES)
         n = rng.choice([1, 2, 9, 64, 300])
         kind = rng.choice(["rand", "int", "eq"])
-        values = {"rand": torch.randn(n, dtype=torch.float64),
-                  "int": torch.randint(-2, 3, (n,)).double(),
-                  "eq": torch.zeros(n, dtype=torch.float64)}[kind].to(dtype)
+        values = {
+            "rand": torch.randn(n, dtype=torch.float64),
+            "int": torch.randint(-2, 3, (n,)).double(),
+            "eq": torch.zeros(n, dtype=torch.float64),
+        }[kind].to(dtype)
         eligible = torch.rand(n) < rng.random() if rng.random() < 0.5 else None
         n_elig = n if eligible is None else int(eligible.sum())
         k = rng.randint(0, n_elig)

@@ -102,8 +102,11 @@ def test_caa_with_reprune_matches_hand_recursion_with_ties() -> None:
         chain.merge(live)
         a, b = Fraction(i, i + 1), Fraction(1, i + 1)
         merged = {
-            k: (models[i][k] if k == "counter" else
-                [a * s + b * x for s, x in zip(hand[k], models[i][k], strict=True)])
+            k: (
+                models[i][k]
+                if k == "counter"
+                else [a * s + b * x for s, x in zip(hand[k], models[i][k], strict=True)]
+            )
             for k in hand
         }
         ties_seen += threshold_is_tied(merged, keep)
@@ -126,8 +129,13 @@ def test_caa_with_reprune_matches_hand_recursion_with_ties() -> None:
 
 def test_caa_random_float_matches_formula() -> None:
     g = torch.Generator().manual_seed(0)
-    models = [[torch.randn(SHAPES[n], generator=g, dtype=torch.float64) if n != "counter"
-               else torch.tensor(m) for n in NAMES] for m in range(4)]
+    models = [
+        [
+            torch.randn(SHAPES[n], generator=g, dtype=torch.float64) if n != "counter" else torch.tensor(m)
+            for n in NAMES
+        ]
+        for m in range(4)
+    ]
     chain = SuperpositionChain(NAMES, rule="caa")
     chain.merge(models[0])
     targets = targets_for(models[0])
@@ -136,8 +144,10 @@ def test_caa_random_float_matches_formula() -> None:
     for i in (1, 2, 3):
         chain.merge(models[i])
         chain.reprune(targets, keep, LOCAL)
-        s = [(i / (i + 1)) * a + (1 / (i + 1)) * b if a.is_floating_point() else b.clone()
-             for a, b in zip(s, models[i], strict=True)]
+        s = [
+            (i / (i + 1)) * a + (1 / (i + 1)) * b if a.is_floating_point() else b.clone()
+            for a, b in zip(s, models[i], strict=True)
+        ]
         flat = torch.cat([s[0].reshape(-1), s[2].reshape(-1)])
         order = torch.sort(-flat.abs(), stable=True).indices[:keep]
         mask = torch.zeros(17, dtype=torch.bool)
@@ -199,8 +209,12 @@ def test_swap_exchanges_contents_in_place() -> None:
 
 @pytest.mark.parametrize("density", [0.1, 0.35, 0.5, 0.9])
 def test_reprune_exact_count_with_ties(density: float) -> None:
-    tensors = [torch.full((3, 4), 2.0, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
-               torch.full((5,), -2.0, dtype=torch.float64), torch.tensor(0)]
+    tensors = [
+        torch.full((3, 4), 2.0, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+        torch.full((5,), -2.0, dtype=torch.float64),
+        torch.tensor(0),
+    ]
     chain = SuperpositionChain(NAMES)
     chain.merge(tensors)
     keep = math.floor(density * 17)
@@ -212,8 +226,12 @@ def test_reprune_exact_count_with_ties(density: float) -> None:
     assert int((a != 0).sum() + (b != 0).sum()) == keep
     # more to keep than there are non-zeros: still exactly ``keep`` in the masks
     chain = SuperpositionChain(NAMES)
-    sparse = [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
-              torch.tensor([0.0, 1.0, 0.0, -3.0, 0.0], dtype=torch.float64), torch.tensor(0)]
+    sparse = [
+        torch.zeros(3, 4, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+        torch.tensor([0.0, 1.0, 0.0, -3.0, 0.0], dtype=torch.float64),
+        torch.tensor(0),
+    ]
     chain.merge(sparse)
     chain.reprune(targets_for(sparse), 5, LOCAL)
     assert sum(int(m.sum()) for m in chain.masks.values()) == 5
