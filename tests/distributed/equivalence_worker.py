@@ -168,6 +168,8 @@ class ToyRun:
         return {k: v.detach().clone() for k, v in self.backend.full_state().items()}
 
     def accuracy(self):
+        if self.mode != "reference":
+            self.check_buffers_identical()
         return evaluate(
             self.module,
             self.test_data,
@@ -176,6 +178,19 @@ class ToyRun:
             torch.device("cpu"),
             lockstep=self.mode == "fsdp2",
         )
+
+    def check_buffers_identical(self):
+        """Before every evaluation the loop syncs BN buffers; they must then match on all ranks."""
+        import torch.distributed as dist
+
+        from sparse_sup.backends.buffers import sync_buffers
+
+        sync_buffers(self.module, self.dp)
+        mine = [b.clone() for b in self.module.buffers()]
+        everyone = [None] * self.dp.world_size
+        dist.all_gather_object(everyone, mine)
+        for other in everyone:
+            assert all(torch.equal(a, b) for a, b in zip(mine, other)), "BN buffers differ across ranks"
 
     def recalibrate(self):
         """Batch j of a fixed order goes to rank j mod W; lockstep padding under FSDP2."""
