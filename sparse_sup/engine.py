@@ -40,6 +40,10 @@ class Backend(Protocol):
 
     def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]: ...
 
+    def refresh_model_weights(self) -> None:
+        """Propagate in-place changes of the targets to any other copy of the weights (DeepSpeed's
+        model weights mirror its fp32 masters); a no-op where the targets are the weights."""
+
 
 class EngineHooks:
     """Called by the engine at phase events; the training loop overrides what it needs."""
@@ -91,6 +95,7 @@ class SupTicketsEngine:
         self.masks = MaskState.initialize(
             self.targets, self.sparse.initial_density, self.sparse.distribution, self.seed, self.backend.shard
         )
+        self.backend.refresh_model_weights()
         log.info(
             "masks initialised: density %.4f over %d targets (%s)",
             self.masks.density(self.targets),
@@ -253,6 +258,7 @@ class SupTicketsEngine:
                     self.backend.shard,
                     self._grad_scores,
                 )
+            self.backend.refresh_model_weights()
             if self.sparse.check_ranks:
                 self._check_rank_agreement(event, completed)
             self.hooks.on_topology_update(self, event, swapped)
@@ -281,12 +287,14 @@ class SupTicketsEngine:
             self.chain.reprune(self.targets, self.final_keep, self.backend.shard)
         _, tensors = self.backend.state_tensors()
         self.chain.swap(tensors)  # the model holds S_i; training continues on T_i after the swap back
+        self.backend.refresh_model_weights()
         try:
             if self.tickets.bn_recalibration:
                 self.hooks.recalibrate_bn(self)
             self.hooks.on_superposed(self, index)
         finally:
             self.chain.swap(tensors)
+            self.backend.refresh_model_weights()
 
     def _finish(self) -> None:
         """The final model is S_M: install its tensors and masks in place."""
@@ -298,6 +306,7 @@ class SupTicketsEngine:
             self.masks.masks[name].copy_(mask)
         self.masks.recount()
         self.masks.apply(self.targets)  # optimizer state outside S's masks belongs to no weight
+        self.backend.refresh_model_weights()
         log.info(
             "final model is S_%d: %d target weights kept (density %.4f)",
             self.num_tickets,

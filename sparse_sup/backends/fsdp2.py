@@ -92,6 +92,9 @@ class FSDP2Backend:
             raise KeyError(f"target parameters not found in the sharded model: {missing[:5]}")
         return [self._target(n, params[n]) for n in self.target_names]
 
+    def refresh_model_weights(self) -> None:
+        """Targets alias the model's own weights: nothing to propagate."""
+
     def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
         items = [
             (normalize_name(n), _local(t).detach()) for n, t in self.model.state_dict(keep_vars=True).items()

@@ -46,6 +46,9 @@ class LocalBackend:
             raise KeyError(f"target parameters not found in the model: {missing[:5]}")
         return [whole_tensor_target(n, params[n], self.optimizer) for n in self.target_names]
 
+    def refresh_model_weights(self) -> None:
+        """Targets alias the model's own weights: nothing to propagate."""
+
     def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
         """Every parameter and buffer (detached views), in state_dict order."""
         items = [(normalize_name(n), t.detach()) for n, t in self.model.state_dict(keep_vars=True).items()]

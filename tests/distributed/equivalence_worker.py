@@ -72,7 +72,7 @@ class TensorData:
 
 def make_data():
     g = torch.Generator().manual_seed(1234)
-    x = torch.randn(NUM_TRAIN + NUM_TEST, 3, 6, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(NUM_TRAIN + NUM_TEST, 3, 6, 6, generator=g, dtype=torch.float64).to(torch.get_default_dtype())
     y = torch.randint(0, 5, (NUM_TRAIN + NUM_TEST,), generator=g)
     return TensorData(x[:NUM_TRAIN], y[:NUM_TRAIN]), TensorData(x[NUM_TRAIN:], y[NUM_TRAIN:])
 
@@ -115,8 +115,8 @@ class Recorder(EngineHooks):
 
 
 class ToyRun:
-    def __init__(self, mode: str, method: str, world: int) -> None:
-        torch.set_default_dtype(torch.float64)
+    def __init__(self, mode: str, method: str, world: int, dtype: torch.dtype = torch.float64) -> None:
+        torch.set_default_dtype(dtype)  # DeepSpeed keeps fp32 masters: its runs compare in float32
         self.mode, self.world = mode, world
         self.rank = int(os.environ.get("RANK", 0))
         self.train_data, self.test_data = make_data()
@@ -140,6 +140,23 @@ class ToyRun:
                     self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
                 )
                 backend = LocalBackend(self.model, self.optimizer, TARGETS, self.dp)
+            elif mode.startswith("zero"):
+                import deepspeed
+
+                from sparse_sup.backends.deepspeed import DeepSpeedBackend
+
+                ds_config = {
+                    "train_batch_size": BATCH, "train_micro_batch_size_per_gpu": BATCH // world,
+                    "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+                    "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0},
+                    "steps_per_print": 10**9,
+                }
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+                self.model, self.optimizer, _, _ = deepspeed.initialize(
+                    model=model, optimizer=optimizer, config=ds_config
+                )
+                self.module = self.model.module
+                backend = DeepSpeedBackend(self.model, TARGETS)
             else:
                 from sparse_sup.backends.fsdp2 import FSDP2Backend, fsdp2_shard_model
 
@@ -149,7 +166,7 @@ class ToyRun:
                 )
                 backend = FSDP2Backend(self.model, self.optimizer, TARGETS)
         self.backend = backend
-        self.events, self.superposed = [], []
+        self.events, self.superposed, self.checked_steps = [], [], 0
         self.engine = SupTicketsEngine(
             sparse=config.sparse,
             tickets=config.tickets,
@@ -160,6 +177,8 @@ class ToyRun:
             seed=7,
             hooks=Recorder(self),
         )
+        if mode.startswith("zero"):
+            backend.wrap_optimizer_step(self.engine)
 
     def full_masks(self, masks):
         return {k: v.clone() for k, v in self.backend.full_masks(masks).items()}
@@ -176,8 +195,23 @@ class ToyRun:
             EVAL_BATCH,
             self.dp,
             torch.device("cpu"),
-            lockstep=self.mode == "fsdp2",
+            lockstep=self.mode in ("fsdp2", "zero3"),
         )
+
+    def check_deepspeed_masks(self):
+        """After every step: masked positions exactly zero in the fp32 master fragment, in every
+        optimizer-state fragment and in this rank's piece of the model weights."""
+        for t in self.engine.targets:
+            keep = self.engine.masks.masks[t.name].reshape(-1)
+            p = self.backend.params[t.name]
+            n = t.param.numel()
+            if self.backend.stage == 3:
+                model_piece = p.ds_tensor.view(-1)[:n]
+            else:
+                model_piece = p.data.view(-1)[t.offset : t.offset + n]
+            for tensor in [t.param, model_piece, *t.optimizer_states()]:
+                assert bool((tensor.reshape(-1)[~keep] == 0).all()), (t.name, self.engine.step)
+        self.checked_steps += 1
 
     def check_buffers_identical(self):
         """Before every evaluation the loop syncs BN buffers; they must then match on all ranks."""
@@ -197,7 +231,7 @@ class ToyRun:
         order = torch.arange(NUM_TRAIN)
         num = NUM_TRAIN // BN_BATCH
         mine = list(range(self.dp.rank, num, self.dp.world_size))
-        rounds = -(-num // self.dp.world_size) if self.mode == "fsdp2" else len(mine)
+        rounds = -(-num // self.dp.world_size) if self.mode in ("fsdp2", "zero3") else len(mine)
 
         def batches():
             for i in range(rounds):
@@ -222,6 +256,13 @@ class ToyRun:
         while self.engine.step < self.plan.total_steps:
             epoch, step = divmod(self.engine.step, self.plan.steps_per_epoch)
             batch = sampler.global_batch(epoch, step)
+            if self.mode.startswith("zero"):  # the sparse engine runs inside DeepSpeed's step
+                idx = torch.tensor(batch[self.rank * micro : (self.rank + 1) * micro])
+                loss = F.cross_entropy(self.model(self.train_data.x[idx]), self.train_data.y[idx])
+                self.model.backward(loss)
+                self.model.step()
+                self.check_deepspeed_masks()
+                continue
             for g in self.optimizer.param_groups:
                 g["lr"] = self.engine.lr()
             self.optimizer.zero_grad(set_to_none=True)
@@ -238,26 +279,29 @@ class ToyRun:
             "final": self.full_state(),
             "step": self.engine.step,
             "world": self.world,
+            "checked_steps": self.checked_steps,
         }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["reference", "ddp", "fsdp2"], required=True)
+    parser.add_argument("--mode", choices=["reference", "ddp", "fsdp2", "zero1", "zero2", "zero3"], required=True)
+    parser.add_argument("--float32", action="store_true", help="compute in float32 (DeepSpeed masters)")
     parser.add_argument("--method", default="rigl")
     parser.add_argument("--world", type=int, default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--bn-eval", action="store_true", help="only recalibrate BN and evaluate")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    dtype = torch.float32 if args.float32 else torch.float64
     if args.mode == "reference":
-        run = ToyRun("reference", args.method, args.world)
+        run = ToyRun("reference", args.method, args.world, dtype)
         torch.save(run.recalibrate_and_evaluate() if args.bn_eval else run.train(), args.out)
         return
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    run = ToyRun(args.mode, args.method, dist.get_world_size())
+    run = ToyRun(args.mode, args.method, dist.get_world_size(), dtype)
     result = run.recalibrate_and_evaluate() if args.bn_eval else run.train()
     if dist.get_rank() == 0:
         torch.save(result, args.out)

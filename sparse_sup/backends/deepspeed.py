@@ -1,0 +1,175 @@
+"""DeepSpeed ZeRO 1/2/3: masks live on the fp32 master partitions, where the real update lands.
+
+DeepSpeed keeps a separate fp32 master copy, partitioned over ranks, and copies it into the model
+weights after each step, so a mask applied to the module weights alone is overwritten (DeepSpeed
+issues #2424, #3959). Here every target is *this rank's fragment of the fp32 master* (a contiguous
+run of the weight's row-major flat elements); its gradient and optimizer state are the matching
+fragments. The optimizer step is wrapped: before it, the sparse engine reads RigL scores from the
+reduced gradient fragments and zeroes the masked ones; after it, masks are enforced and the step
+counted only if DeepSpeed applied it (fp16 overflow skips count for nothing). This works whether
+the step is called by ``engine.step()`` or inside ``accelerator.backward()``.
+
+Private DeepSpeed APIs used (pinned by tests/distributed): ZeRO-1/2 ``param._hp_mapping``
+(``lp_fragment_address``, ``hp_fragment``, ``get_hp_fragment``, ``get_lp_grad_fragment``),
+``param._index_in_param_group``, ``optimizer.update_lp_params()``; ZeRO-3 ``param.ds_tensor``,
+``ds_numel``, ``ds_process_group``. Nothing here gathers a whole parameter except ``full_state`` /
+``full_masks`` (ticket files; a later issue makes them sharded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..core.collectives import Collectives
+from ..core.names import normalize_name
+from ..core.targets import Target
+from .collectives import ProcessGroupCollectives
+
+
+class DeepSpeedBackend:
+    """Targets over a ``DeepSpeedEngine``'s fp32 master fragments (ZeRO stage 1, 2 or 3)."""
+
+    def __init__(self, ds_engine, target_names: list[str]) -> None:
+        self.ds_engine = ds_engine
+        self.optimizer = ds_engine.optimizer  # the ZeRO optimizer
+        self.stage = ds_engine.zero_optimization_stage()
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"sparse_sup needs ZeRO stage 1, 2 or 3 with DeepSpeed, got stage {self.stage}")
+        self.module = ds_engine.module
+        self.target_names = [normalize_name(n) for n in target_names]
+        self.shard: Collectives = ProcessGroupCollectives()
+        self.data_parallel: Collectives = self.shard
+        self.params = {normalize_name(n): p for n, p in self.module.named_parameters()}
+        missing = [n for n in self.target_names if n not in self.params]
+        if missing:
+            raise KeyError(f"target parameters not found in the DeepSpeed model: {missing[:5]}")
+
+    # ---- fragments of one parameter ----------------------------------------------------------
+    def _fragment(self, p: torch.nn.Parameter) -> tuple[int, torch.Tensor]:
+        """(global flat offset, fp32 master fragment view) of this rank's piece of ``p``."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            rank = dist.get_rank(group=p.ds_process_group)
+            per_rank = p.ds_tensor.numel()
+            offset = rank * per_rank
+            n = max(0, min(per_rank, p.ds_numel - offset))  # the last rank's tail is padding
+            return offset, safe_get_local_fp32_param(p).detach().view(-1)[:n]
+        mapping = p._hp_mapping
+        if mapping is None:  # this rank holds no element of p
+            return 0, torch.empty(0, dtype=torch.float32, device=p.device)
+        return mapping.lp_fragment_address.start, mapping.hp_fragment.detach().view(-1)
+
+    def _grad(self, p: torch.nn.Parameter, n: int) -> torch.Tensor | None:
+        """The reduced (averaged) gradient fragment; valid at the boundary, inside the step."""
+        if n == 0:
+            return None
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            grad = safe_get_local_grad(p)
+            return None if grad is None else grad.view(-1)[:n]
+        mapping = p._hp_mapping
+        grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
+        if grad.numel() == p.numel() and n != p.numel():  # BF16_Optimizer keeps the whole grad
+            grad = grad[mapping.lp_fragment_address.start: mapping.lp_fragment_address.start + n]
+        return grad
+
+    def _states(self, p: torch.nn.Parameter, n: int) -> list[torch.Tensor]:
+        """Optimizer-state fragments (views; empty before the first applied step)."""
+        if n == 0:
+            return []
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_optimizer_state
+
+            inner = self.optimizer.optimizer
+            keys = next((list(s) for s in inner.state.values() if s), [])
+            out = []
+            for key in keys:
+                state = safe_get_local_optimizer_state(p, key)
+                if torch.is_tensor(state) and state.dim() >= 1 and state.numel() >= n:
+                    out.append(state.view(-1)[:n])
+            return out
+        mapping = p._hp_mapping
+        if not mapping.optim_fragment:
+            return []
+        return [mapping.get_hp_fragment(k).view(-1) for k in mapping.get_optim_state_keys()]
+
+    def targets(self) -> list[Target]:
+        targets = []
+        for name in self.target_names:
+            p = self.params[name]
+            offset, master = self._fragment(p)
+            n = master.numel()
+            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
+            targets.append(Target(
+                name=name, param=master, shape=shape, offset=offset,
+                grad=lambda p=p, n=n: self._grad(p, n),
+                optimizer_states=lambda p=p, n=n: self._states(p, n),
+            ))
+        return targets
+
+    def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
+        """fp32 master fragments of every parameter, then the module's buffers."""
+        names, tensors = [], []
+        for name, p in self.params.items():
+            names.append(name)
+            tensors.append(self._fragment(p)[1])
+        for name, b in self.module.named_buffers():
+            names.append(normalize_name(name))
+            tensors.append(b)
+        return names, tensors
+
+    @torch.no_grad()
+    def refresh_model_weights(self) -> None:
+        """Copy the fp32 masters into the model weights after the masters changed outside a step
+        (mask changes, superposition swaps). Collective under ZeRO-1/2 (all-gather)."""
+        if self.stage == 3:
+            for p in self.params.values():
+                _, master = self._fragment(p)
+                p.ds_tensor.view(-1)[: master.numel()].copy_(master)
+        else:
+            self.optimizer.update_lp_params()
+
+    # ---- step wrapper -------------------------------------------------------------------------
+    def wrap_optimizer_step(self, sparse_engine) -> None:
+        """Run the sparse engine around DeepSpeed's real optimizer step (also inside backward)."""
+        zero = self.optimizer
+        original = zero.step
+
+        def step(*args, **kwargs):
+            for group in zero.optimizer.param_groups:
+                group["lr"] = sparse_engine.lr()
+            sparse_engine.before_optimizer_step()
+            result = original(*args, **kwargs)
+            skipped = bool(getattr(zero, "overflow", False))
+            sparse_engine.after_optimizer_step(skipped=skipped)
+            return result
+
+        zero.step = step
+
+    # ---- whole tensors for ticket files (collective) ----------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {name: safe_get_full_fp32_param(p).detach().clone() for name, p in self.params.items()}
+        state.update({normalize_name(n): b for n, b in self.module.named_buffers()})
+        return state
+
+    def full_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pieces = {}
+        for t in self.targets():
+            pieces[t.name] = (t.offset, masks[t.name].reshape(-1).cpu())
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, pieces)
+        full = {}
+        for t in self.targets():
+            mask = torch.zeros(t.numel, dtype=torch.bool)
+            for rank_pieces in everyone:
+                offset, piece = rank_pieces[t.name]
+                mask[offset: offset + piece.numel()] = piece
+            full[t.name] = mask.view(t.shape)
+        return full
+
+
