@@ -61,14 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         return 0
-    if args.deepspeed:
-        print(
-            "error: DeepSpeed support is not implemented yet (issue: DeepSpeed ZeRO-1/2/3)", file=sys.stderr
-        )
-        return 2
     from .train.run import run_training
 
-    return run_training(config)
+    return run_training(config, deepspeed_config=args.deepspeed)
 
 
 if __name__ == "__main__":

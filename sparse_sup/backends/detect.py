@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 
 
-def detect_parallelism(accelerator) -> str:
-    """'fsdp2' when Accelerate was launched with an FSDP config (on GPUs Accelerate shards the
-    model itself; on CPU, where Accelerate ignores its FSDP plugin, we apply ``fully_shard``),
-    'ddp' for several processes, else 'single'."""
+def detect_parallelism(accelerator, deepspeed_launcher: bool = False) -> str:
+    """'deepspeed' under the deepspeed launcher (--deepspeed) or Accelerate's DeepSpeed plugin;
+    'fsdp2' when Accelerate was launched with an FSDP config (on GPUs Accelerate shards the model
+    itself; on CPU, where Accelerate ignores its FSDP plugin, we apply ``fully_shard``); 'ddp' for
+    several processes; else 'single'."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise NotImplementedError("DeepSpeed is not supported yet (see the DeepSpeed issue)")
+    if deepspeed_launcher or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
     if accelerator.distributed_type == DistributedType.FSDP or os.environ.get(
         "ACCELERATE_USE_FSDP", ""
     ).lower() in ("1", "true"):

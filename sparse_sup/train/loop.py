@@ -99,18 +99,29 @@ class Run:
         setup_logging(self.accelerator.process_index, self.run_dir / "train.log")
         log.info("run directory: %s", self.run_dir)
         log.info("plan: %s", self.p.plan.describe())
-        self.parallelism = detect_parallelism(self.accelerator)
+        self.parallelism = detect_parallelism(self.accelerator, self.p.deepspeed_config is not None)
         log.info("parallelism: %s over %d process(es)", self.parallelism, self.accelerator.num_processes)
         model = self.p.model
-        if self.parallelism == "fsdp2" and not accelerate_shards_model(self.accelerator):
+        if self.p.deepspeed_config is not None:  # the deepspeed launcher: DeepSpeed wraps the model
+            import deepspeed
+
+            self.model, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=build_optimizer(model, c.optim), config=self.p.deepspeed_config
+            )
+        elif self.parallelism == "fsdp2" and not accelerate_shards_model(self.accelerator):
             fsdp2_shard_model(model)  # Accelerate ignores its FSDP plugin on CPU: shard here
             self.model, self.optimizer = model, self.accelerator.prepare(build_optimizer(model, c.optim))
         else:
             if c.train.compile:
                 model = torch.compile(model)
             self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, c.optim))
-        self.module = self.accelerator.unwrap_model(self.model)
-        if self.parallelism == "fsdp2":
+        self.module = getattr(self.model, "module", self.model) if self.parallelism == "deepspeed" else (
+            self.accelerator.unwrap_model(self.model))
+        if self.parallelism == "deepspeed":
+            from ..backends.deepspeed import DeepSpeedBackend
+
+            self.backend = DeepSpeedBackend(self.model, self.p.target_names)
+        elif self.parallelism == "fsdp2":
             self.backend = FSDP2Backend(self.model, self.optimizer, self.p.target_names)
         else:
             self.backend = LocalBackend(self.model, self.optimizer, self.p.target_names, self.dp)
@@ -124,6 +135,8 @@ class Run:
             seed=c.experiment.seed,
             hooks=LoopHooks(self),
         )
+        if self.parallelism == "deepspeed":
+            self.backend.wrap_optimizer_step(self.engine)  # the real step may run inside backward()
         self.engine.init_masks()
         counts = self.engine.masks.counts
         log.info(
@@ -139,7 +152,8 @@ class Run:
     @property
     def lockstep(self) -> bool:
         """FSDP2 forwards are collective: every rank must run the same number of them."""
-        return self.parallelism == "fsdp2"
+        zero3 = self.parallelism == "deepspeed" and self.backend.stage == 3
+        return self.parallelism == "fsdp2" or zero3
 
     def evaluate(self) -> dict[str, float]:
         d = self.config.data
@@ -283,8 +297,29 @@ class Run:
         bar.close()
         return self.finish(skipped)
 
+    def _deepspeed_step(self, micro, accum: int) -> float | None:
+        """DeepSpeed runs the sparse engine inside its own optimizer step (see DeepSpeedBackend);
+        with Accelerate's plugin that step happens inside ``accelerator.backward``."""
+        ds, total = self.model, 0.0
+        for _ in range(accum):
+            images, labels = next(micro)
+            images, labels = images.to(ds.device), labels.to(ds.device)
+            loss = F.cross_entropy(ds(images).float(), labels, label_smoothing=self.config.optim.label_smoothing)
+            if self.p.deepspeed_config is not None:
+                ds.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
+                ds.step()
+            else:
+                self.accelerator.backward(loss)
+            total += loss.item() / accum
+        if not ds.was_step_applied():
+            log.warning("DeepSpeed skipped the optimizer step (overflow); no schedule advanced")
+            return None
+        return total
+
     def _optimizer_step(self, micro, accum: int) -> float | None:
         """One real optimizer step over ``accum`` micro-batches; None if it was skipped."""
+        if self.parallelism == "deepspeed":
+            return self._deepspeed_step(micro, accum)
         c, acc, engine = self.config, self.accelerator, self.engine
         for g in self.optimizer.param_groups:
             g["lr"] = engine.lr()

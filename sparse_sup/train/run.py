@@ -11,16 +11,30 @@ import torch
 from ..config import Config
 
 
-def run_training(config: Config) -> int:
+def run_training(config: Config, deepspeed_config: str | None = None) -> int:
+    """``deepspeed_config``: the JSON given to the ``deepspeed`` launcher (``--deepspeed``)."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     from .loop import Run, summary_table
     from .setup import prepare
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    if deepspeed_config:  # the deepspeed launcher: DeepSpeed owns the model, Accelerate only devices
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+        accelerator = Accelerator(cpu=cpu)
+    else:
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []  # Accelerate's DeepSpeed on CPU
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers)
     try:
         prepared = prepare(config)
+        if deepspeed_config:
+            from ..backends.deepspeed_config import fill_deepspeed_config
+
+            prepared.deepspeed_config = fill_deepspeed_config(deepspeed_config, config, accelerator.num_processes)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return _exit(accelerator, 2)

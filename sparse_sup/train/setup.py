@@ -37,6 +37,7 @@ class Prepared:
     plan: StepPlan
     run_dir: Path
     class_names: list[str]
+    deepspeed_config: dict | None = None  # filled JSON when launched by the deepspeed launcher
 
 
 def default_run_dir(config: Config) -> Path:

@@ -3,6 +3,7 @@ runs equal to a single-process reference (masks exactly, weights to tolerance)."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,3 +121,37 @@ def test_bn_recalibration_and_accuracy_do_not_depend_on_world_size(tmp_path):
         for name, value in base["state"].items():
             if "running" in name:
                 torch.testing.assert_close(results[world]["state"][name], value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_launcher_end_to_end(tmp_path, stage):
+    """``deepspeed train.py --deepspeed launch/deepspeed/zeroN.json`` on 2 CPU processes."""
+    run_dir = tmp_path / f"zero{stage}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", "2", "train.py", "--deepspeed", f"launch/deepspeed/zero{stage}.json",
+           "--config", "configs/tiny-test.yaml", f"--experiment.output_dir={run_dir}", "--schedule.epochs=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parallelism: deepspeed over 2 process(es)" in proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("| final = S_2 |") == 1  # printed by rank 0 only
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["parallelism"] == "deepspeed" and summary["world_size"] == 2
+    assert all(r["count"] == 300 for r in summary["results"].values())
+    assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
+
+
+def test_deepspeed_config_auto_values_and_contradictions(tmp_path):
+    from sparse_sup.backends.deepspeed_config import fill_deepspeed_config
+    from sparse_sup.config import load_config
+
+    config = load_config(None, ["--schedule.batch_size=64", "--schedule.grad_accum_steps=2",
+                                "--optim.max_grad_norm=1.0", "--train.precision=bf16"])
+    filled = fill_deepspeed_config(ROOT / "launch" / "deepspeed" / "zero3.json", config, world_size=4)
+    assert filled["train_batch_size"] == 64 and filled["train_micro_batch_size_per_gpu"] == 8
+    assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 1.0
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="train_batch_size=32 contradicts .* implies 64"):
+        fill_deepspeed_config(bad, config, world_size=4)

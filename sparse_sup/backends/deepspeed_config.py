@@ -1,0 +1,51 @@
+"""Fill a DeepSpeed JSON's "auto" values from the training config (plain ``deepspeed.initialize``
+does not resolve them) and refuse values that contradict it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Config
+
+
+def _set(section: dict, key: str, value, where: str) -> None:
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ValueError(
+            f"DeepSpeed config {where}{key}={current!r} contradicts the training config, which implies "
+            f"{value!r}; set it to \"auto\" or change the training config"
+        )
+
+
+def fill_deepspeed_config(path: str | Path, config: Config, world_size: int) -> dict:
+    """The JSON at ``path`` with every training-config-derived value filled in."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--deepspeed {str(path)!r}: no such file")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed {str(path)!r} is not valid JSON: {e}") from e
+    s = config.schedule
+    per_step = world_size * s.grad_accum_steps
+    if s.batch_size % per_step:
+        raise ValueError(
+            f"schedule.batch_size={s.batch_size} is not divisible by world size x schedule.grad_accum_steps "
+            f"= {per_step}"
+        )
+    _set(ds, "train_batch_size", s.batch_size, "")
+    _set(ds, "train_micro_batch_size_per_gpu", s.batch_size // per_step, "")
+    _set(ds, "gradient_accumulation_steps", s.grad_accum_steps, "")
+    _set(ds, "gradient_clipping", float(config.optim.max_grad_norm or 0.0), "")
+    for precision in ("bf16", "fp16"):
+        section = ds.setdefault(precision, {})
+        _set(section, "enabled", config.train.precision == precision, f"{precision}.")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ValueError(f"DeepSpeed zero_optimization.stage={stage}: sparse_sup supports ZeRO stages 1, 2, 3")
+    ds["zero_allow_untested_optimizer"] = True  # the optimizer is a plain torch one
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
