@@ -20,15 +20,19 @@ def _set(section: dict, key: str, value, where: str) -> None:
         )
 
 
-def fill_deepspeed_config(path: str | Path, config: Config, world_size: int) -> dict:
-    """The JSON at ``path`` with every training-config-derived value filled in."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--deepspeed {str(path)!r}: no such file")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed {str(path)!r} is not valid JSON: {e}") from e
+def fill_deepspeed_config(source: str | Path | dict, config: Config, world_size: int) -> dict:
+    """The DeepSpeed config (a JSON path, or the dict of Accelerate's DeepSpeed plugin, filled in
+    place) with every training-config-derived value filled in."""
+    if isinstance(source, dict):
+        ds = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"--deepspeed {str(path)!r}: no such file")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--deepspeed {str(path)!r} is not valid JSON: {e}") from e
     s = config.schedule
     per_step = world_size * s.grad_accum_steps
     if s.batch_size % per_step:

@@ -27,14 +27,23 @@ def run_training(config: Config, deepspeed_config: str | None = None) -> int:
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
         accelerator = Accelerator(cpu=cpu)
     else:
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []  # Accelerate's DeepSpeed on CPU
-        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers)
+        # Accelerate's DeepSpeed plugin on CPU needs gloo and must not be forced onto its CPU path
+        use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+        accelerator = Accelerator(
+            mixed_precision=None if use_deepspeed else mixed,
+            cpu=cpu and not use_deepspeed,
+            kwargs_handlers=handlers,
+        )
     try:
         prepared = prepare(config)
-        if deepspeed_config:
-            from ..backends.deepspeed_config import fill_deepspeed_config
+        from ..backends.deepspeed_config import fill_deepspeed_config
 
+        if deepspeed_config:
             prepared.deepspeed_config = fill_deepspeed_config(deepspeed_config, config, accelerator.num_processes)
+        elif accelerator.state.deepspeed_plugin is not None:  # Accelerate cannot infer "auto" without
+            plugin = accelerator.state.deepspeed_plugin  # prepared data loaders: fill it from our config
+            fill_deepspeed_config(plugin.deepspeed_config, config, accelerator.num_processes)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return _exit(accelerator, 2)

@@ -12,8 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_accelerate_launch_two_cpu_processes(tmp_path, engine):
+@pytest.mark.parametrize("engine, parallelism", [("ddp", "ddp"), ("fsdp2", "fsdp2"),
+                                                 ("deepspeed_zero2", "deepspeed"), ("deepspeed_zero3", "deepspeed")])
+def test_accelerate_launch_two_cpu_processes(tmp_path, engine, parallelism):
     run_dir = tmp_path / engine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
@@ -31,11 +32,11 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, engine):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"parallelism: {engine} over 2 process(es)" in proc.stderr
+    assert f"parallelism: {parallelism} over 2 process(es)" in proc.stderr
     for label in ("| P |", "| T_1 |", "| S_2 |", "| final = S_2 |"):
         assert proc.stdout.count(label) == 1, proc.stdout  # printed once, by rank 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["parallelism"] == engine
+    assert summary["world_size"] == 2 and summary["parallelism"] == parallelism
     results = summary["results"]
     assert all(r["count"] == 300 for r in results.values())
     assert results["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
