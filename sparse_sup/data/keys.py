@@ -9,27 +9,12 @@ from __future__ import annotations
 
 import torch
 
-MASK32 = 0xFFFFFFFF
+from ..core.hashing import MASK32
+from ..core.hashing import mix32 as _lowbias32_t  # lowbias32 on int64 tensors
+from ..core.hashing import mix32_int as _lowbias32  # lowbias32 on Python ints
+
 _MASK64 = (1 << 64) - 1
 _INIT = 0x9E3779B9
-
-
-def _lowbias32(x: int) -> int:
-    """lowbias32 (C. Wellons) on a Python int in [0, 2**32)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-def _lowbias32_t(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on an int64 tensor in [0, 2**32); int64 wraparound only touches discarded bits."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
 
 
 def _fold(h: int, value: int) -> int:
