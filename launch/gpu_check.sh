@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (run when a GPU machine is available): short DDP and FSDP2 jobs over NCCL in bf16,
-# each with and without masks (dense = density 1.0), printing steps/s from the run summaries.
+# GPU check (run when a GPU machine is available): short DDP, FSDP2 and DeepSpeed ZeRO-2/3 jobs over
+# NCCL in bf16, each with and without masks (dense = density 1.0), printing steps/s of each run.
+# pytest -m gpu runs the same paths as assertions (tests/gpu/).
 # Usage: bash launch/gpu_check.sh [num_gpus]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,16 +9,24 @@ gpus=${1:-$(nvidia-smi -L | wc -l)}
 out=runs/gpu-check
 common=(--config configs/debug-cpu.yaml --schedule.epochs=2 --train.precision=bf16
         --data.num_workers=4 --train.progress_bar=false --experiment.overwrite=true)
-for engine in ddp fsdp2; do
-  for density in 0.1 1.0; do
-    dir="$out/$engine-d$density"
-    accelerate launch --config_file "launch/accelerate/$engine-gpu.yaml" --num_processes "$gpus" train.py \
-      "${common[@]}" --sparse.density="$density" --experiment.output_dir="$dir"
-    python - "$dir" <<'PY'
+rate() {
+  python - "$1" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"train"' in l]
 rates = [r["steps_per_s"] for r in rows[1:]] or [rows[-1]["steps_per_s"]]
 print(f"{sys.argv[1]}: {sum(rates) / len(rates):.2f} steps/s (mean over log windows)")
 PY
+}
+for engine in ddp fsdp2 deepspeed_zero2 deepspeed_zero3; do
+  for density in 0.1 1.0; do
+    dir="$out/$engine-d$density"
+    if [[ $engine == deepspeed_* ]]; then  # bf16 masters and NCCL: what the CPU tests cannot cover
+      deepspeed --num_gpus "$gpus" train.py --deepspeed "launch/deepspeed/zero${engine: -1}.json" \
+        "${common[@]}" --sparse.density="$density" --experiment.output_dir="$dir"
+    else
+      accelerate launch --config_file "launch/accelerate/$engine-gpu.yaml" --num_processes "$gpus" train.py \
+        "${common[@]}" --sparse.density="$density" --experiment.output_dir="$dir"
+    fi
+    rate "$dir"
   done
 done
