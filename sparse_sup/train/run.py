@@ -29,7 +29,7 @@ def run_training(config: Config, deepspeed_config: str | None = None) -> int:
     else:
         # Accelerate's DeepSpeed plugin on CPU needs gloo and must not be forced onto its CPU path
         use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and use_deepspeed else []
         accelerator = Accelerator(
             mixed_precision=None if use_deepspeed else mixed,
             cpu=cpu and not use_deepspeed,
