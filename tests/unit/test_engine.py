@@ -9,20 +9,14 @@ import math
 import pytest
 import torch
 from torch import nn
+from toy_models import SmallCNN
 
 from sparse_sup.backends import LocalBackend
 from sparse_sup.config import load_config, resolve_plan
 from sparse_sup.engine import EngineHooks, SupTicketsEngine
 from sparse_sup.tickets import recalibrate_batchnorm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny kernels: intra-op threads only add wake-up latency on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_engine(
@@ -203,22 +197,9 @@ def test_skipped_step_changes_nothing() -> None:
 
 
 # --- (c) determinism ---------------------------------------------------------------------------
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
-CNN_NAMES = ["conv1.weight", "conv2.weight", "fc.weight"]
+CNN_NAMES = SmallCNN.TARGETS
 CNN_SAMPLES, CNN_BATCH = 160, 16
 CNN_RUN = [
     "--sparse.density=0.1",

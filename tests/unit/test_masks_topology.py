@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from toy_models import SmallCNN
 
 from sparse_sup.backends import LocalBackend
 from sparse_sup.config import load_config, resolve_plan
@@ -19,14 +20,7 @@ from sparse_sup.core.topology import drop_and_grow, global_magnitude_masks, glob
 from sparse_sup.engine import EngineHooks, SupTicketsEngine
 from sparse_sup.tickets import recalibrate_batchnorm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny kernels: intra-op threads only add wake-up latency on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -235,22 +229,9 @@ def test_global_magnitude_masks_single_threshold() -> None:
 
 
 # --- full training runs with the engine --------------------------------------------------------
-class BNModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
-BN_TARGETS = ["conv1.weight", "conv2.weight", "fc.weight"]
+BN_TARGETS = SmallCNN.TARGETS
 NUM_SAMPLES, BATCH = 160, 16
 
 
@@ -327,7 +308,7 @@ def test_training_invariants_every_step(method: str, opt_kind: str, in_cycles: s
     plan = resolve_plan(cfg, NUM_SAMPLES)
     assert (plan.total_steps, plan.pre_steps, plan.cycle_steps) == (60, 40, 10)
     torch.manual_seed(0)
-    model = BNModel()
+    model = SmallCNN()
     lr = 0.05 if opt_kind == "sgd" else 1e-2
     opt = make_optimizer(opt_kind, model.parameters())
     x, y = torch.randn(NUM_SAMPLES, 3, 6, 6), torch.randint(0, 10, (NUM_SAMPLES,))

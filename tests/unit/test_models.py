@@ -29,6 +29,7 @@ def _x(n: int = 2) -> torch.Tensor:
 
 # --- build_model -----------------------------------------------------------
 
+
 def test_unknown_name_suggests_close_matches() -> None:
     with pytest.raises(ValueError, match=r"Unknown model name 'resnet181'.*resnet18"):
         build_model("resnet181", 10)
@@ -104,6 +105,7 @@ def test_drop_rate_forwarded() -> None:
 
 # --- select_targets ----------------------------------------------------------
 
+
 def test_default_targets_resnet18(resnet18_cifar: nn.Module) -> None:
     targets = select_targets(resnet18_cifar)
     expected = [n for n, m in resnet18_cifar.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -117,8 +119,14 @@ def test_default_targets_resnet18(resnet18_cifar: nn.Module) -> None:
 def test_default_targets_vit(vit_tiny_32: nn.Module) -> None:
     targets = select_targets(vit_tiny_32)
     assert len(targets) == 2 + 4 * 12  # patch_embed + head + (qkv, proj, fc1, fc2) x 12 blocks
-    for name in ("patch_embed.proj.weight", "head.weight", "blocks.0.attn.qkv.weight",
-                 "blocks.0.attn.proj.weight", "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc2.weight"):
+    for name in (
+        "patch_embed.proj.weight",
+        "head.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.11.mlp.fc1.weight",
+        "blocks.11.mlp.fc2.weight",
+    ):
         assert name in targets
     for t in targets:
         assert t.endswith(".weight") and "norm" not in t
@@ -161,6 +169,7 @@ def test_targets_under_wrapper_match_by_normalized_name() -> None:
 
 
 # --- normalize_name ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("raw", "expected"),

@@ -17,13 +17,7 @@ from sparse_sup.core.select import Piece, key_bits, ordered_keys, top_k_masks
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Selection runs many tiny kernels: intra-op threads only add wake-up latency here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- reference ---------------------------------------------------------------------------------
