@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .train.run import run_training
 
-    return run_training(config, deepspeed_config=args.deepspeed)
+    def report(text: str) -> None:
+        print(text, flush=True)
+
+    def report_error(text: str) -> None:
+        print(f"error: {text}", file=sys.stderr, flush=True)
+
+    return run_training(config, report, report_error, deepspeed_config=args.deepspeed)
 
 
 if __name__ == "__main__":

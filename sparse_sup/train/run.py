@@ -1,18 +1,27 @@
-"""Run a whole experiment: validate, then train, then print the summary (rank 0)."""
+"""Run a whole experiment: validate, then train, then hand the summary to the caller (rank 0).
+
+Distributed runs end here with ``os._exit`` (gloo workers can abort at interpreter exit), so the
+caller passes ``report`` / ``report_error`` callbacks instead of printing afterwards."""
 
 from __future__ import annotations
 
 import gc
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
 from ..config import Config
 
 
-def run_training(config: Config, deepspeed_config: str | None = None) -> int:
-    """``deepspeed_config``: the JSON given to the ``deepspeed`` launcher (``--deepspeed``)."""
+def run_training(
+    config: Config,
+    report: Callable[[str], None],
+    report_error: Callable[[str], None],
+    deepspeed_config: str | None = None,
+) -> int:
+    """Returns the exit code. ``deepspeed_config``: the JSON given to the ``deepspeed`` launcher."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -45,21 +54,18 @@ def run_training(config: Config, deepspeed_config: str | None = None) -> int:
             plugin = accelerator.state.deepspeed_plugin  # prepared data loaders: fill it from our config
             fill_deepspeed_config(plugin.deepspeed_config, config, accelerator.num_processes)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e))
         return _exit(accelerator, 2)
     run = Run(prepared, accelerator)
     run.start()
     summary = run.train()
     if accelerator.is_main_process:
-        print()
         plan = summary["plan"]
-        print(
-            f"Sup-tickets on {config.model.name}, {config.sparse.method}, density {config.sparse.density}, "
+        report(
+            f"\nSup-tickets on {config.model.name}, {config.sparse.method}, density {config.sparse.density}, "
             f"{plan['num_cycles']} tickets ({100 * plan['cycles_fraction']:.0f}% of the budget in cycles), "
-            f"world size {summary['world_size']}"
+            f"world size {summary['world_size']}\n{summary_table(summary)}\n\nrun directory: {prepared.run_dir}"
         )
-        print(summary_table(summary))
-        print(f"\nrun directory: {prepared.run_dir}")
     return _exit(accelerator, 0)
 
 
