@@ -112,10 +112,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=10_000, help="for the per-epoch estimate")
     parser.add_argument("--only", default="", help="substring filter on candidate labels")
-    parser.add_argument("--wait-quiet", type=float, default=0.0,
-                        help="before each model wait up to this many s for other processes to go idle")
-    parser.add_argument("--retries", type=int, default=0,
-                        help="re-measure a model up to N times while foreign load > --max-foreign")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each model wait up to this many s for other processes to go idle",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="re-measure a model up to N times while foreign load > --max-foreign",
+    )
     parser.add_argument("--max-foreign", type=float, default=0.10)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -123,11 +131,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     steps_per_epoch = -(-args.train_images // args.batch)
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, "
-          f"32x32, fp32, median of {args.steps} after {args.warmup} warm-up; "
-          f"epoch = {steps_per_epoch} steps ({args.train_images} imgs)\n")
-    print("| model | params (M) | step ms median | step ms min | own CPU ms/step | foreign load | "
-          "s/epoch (median) | min for 12 ep (median / min) |")
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, "
+        f"32x32, fp32, median of {args.steps} after {args.warmup} warm-up; "
+        f"epoch = {steps_per_epoch} steps ({args.train_images} imgs)\n"
+    )
+    print(
+        "| model | params (M) | step ms median | step ms min | own CPU ms/step | foreign load | "
+        "s/epoch (median) | min for 12 ep (median / min) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, make in CANDIDATES:
         if args.only and args.only not in label:
@@ -147,10 +159,14 @@ def main() -> None:
             _LOG.warning("%s: attempt %d had %.0f%% foreign load", label, attempt + 1, 100 * run[2])
         ts, cpu_s, foreign = best_run
         med, best = statistics.median(ts), min(ts)
-        print(f"| {label} | {n_params / 1e6:.2f} | {med * 1e3:.0f} | {best * 1e3:.0f} | {cpu_s * 1e3:.0f} "
-              f"| {foreign:.0%} | {med * steps_per_epoch:.0f} | {12 * med * steps_per_epoch / 60:.1f} / "
-              f"{12 * best * steps_per_epoch / 60:.1f} |", flush=True)
+        print(
+            f"| {label} | {n_params / 1e6:.2f} | {med * 1e3:.0f} | {best * 1e3:.0f} | {cpu_s * 1e3:.0f} "
+            f"| {foreign:.0%} | {med * steps_per_epoch:.0f} | {12 * med * steps_per_epoch / 60:.1f} / "
+            f"{12 * best * steps_per_epoch / 60:.1f} |",
+            flush=True,
+        )
         del model
+
 
 if __name__ == "__main__":
     main()

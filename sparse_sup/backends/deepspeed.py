@@ -73,7 +73,7 @@ class DeepSpeedBackend:
         mapping = p._hp_mapping
         grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
         if grad.numel() == p.numel() and n != p.numel():  # BF16_Optimizer keeps the whole grad
-            grad = grad[mapping.lp_fragment_address.start: mapping.lp_fragment_address.start + n]
+            grad = grad[mapping.lp_fragment_address.start : mapping.lp_fragment_address.start + n]
         return grad
 
     def _states(self, p: torch.nn.Parameter, n: int) -> list[torch.Tensor]:
@@ -103,11 +103,16 @@ class DeepSpeedBackend:
             offset, master = self._fragment(p)
             n = master.numel()
             shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
-            targets.append(Target(
-                name=name, param=master, shape=shape, offset=offset,
-                grad=lambda p=p, n=n: self._grad(p, n),
-                optimizer_states=lambda p=p, n=n: self._states(p, n),
-            ))
+            targets.append(
+                Target(
+                    name=name,
+                    param=master,
+                    shape=shape,
+                    offset=offset,
+                    grad=lambda p=p, n=n: self._grad(p, n),
+                    optimizer_states=lambda p=p, n=n: self._states(p, n),
+                )
+            )
         return targets
 
     def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
@@ -168,8 +173,6 @@ class DeepSpeedBackend:
             mask = torch.zeros(t.numel, dtype=torch.bool)
             for rank_pieces in everyone:
                 offset, piece = rank_pieces[t.name]
-                mask[offset: offset + piece.numel()] = piece
+                mask[offset : offset + piece.numel()] = piece
             full[t.name] = mask.view(t.shape)
         return full
-
-

@@ -16,7 +16,7 @@ def _set(section: dict, key: str, value, where: str) -> None:
     elif current != value:
         raise ValueError(
             f"DeepSpeed config {where}{key}={current!r} contradicts the training config, which implies "
-            f"{value!r}; set it to \"auto\" or change the training config"
+            f'{value!r}; set it to "auto" or change the training config'
         )
 
 
@@ -49,7 +49,9 @@ def fill_deepspeed_config(source: str | Path | dict, config: Config, world_size:
         _set(section, "enabled", config.train.precision == precision, f"{precision}.")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
-        raise ValueError(f"DeepSpeed zero_optimization.stage={stage}: sparse_sup supports ZeRO stages 1, 2, 3")
+        raise ValueError(
+            f"DeepSpeed zero_optimization.stage={stage}: sparse_sup supports ZeRO stages 1, 2, 3"
+        )
     ds["zero_allow_untested_optimizer"] = True  # the optimizer is a plain torch one
     ds.setdefault("steps_per_print", 10**9)
     return ds

@@ -36,8 +36,14 @@ def apply_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
     if bn_chs != out_chs:
         raise ValueError(f"model {name!r}: stem conv outputs {out_chs} channels but bn1 expects {bn_chs}")
     conv = nn.Conv2d(
-        first.in_channels, out_chs, kernel_size=3, stride=1, padding=1, bias=False,
-        device=first.weight.device, dtype=first.weight.dtype,
+        first.in_channels,
+        out_chs,
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        bias=False,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
     )
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # timm ResNet init
     model.conv1 = conv

@@ -17,7 +17,11 @@ __all__ = ["build_model"]
 _LOG = logging.getLogger(__name__)
 
 _RESERVED_KWARGS = (
-    "pretrained", "num_classes", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+    "pretrained",
+    "num_classes",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "checkpoint_path",
 )
 
 
@@ -58,8 +62,10 @@ def build_model(
     extra = dict(kwargs or {})
     bad = [k for k in _RESERVED_KWARGS if k in extra]
     if bad:
-        raise ValueError(f"kwargs may not set {bad}: build_model never loads pretrained weights "
-                         f"and takes num_classes as an argument")
+        raise ValueError(
+            f"kwargs may not set {bad}: build_model never loads pretrained weights "
+            f"and takes num_classes as an argument"
+        )
     if drop_rate:
         if "drop_rate" in extra and extra["drop_rate"] != drop_rate:
             raise ValueError(f"drop_rate={drop_rate} conflicts with kwargs['drop_rate']={extra['drop_rate']}")
@@ -69,6 +75,12 @@ def build_model(
     if cifar_stem:
         apply_cifar_stem(model, name)
     n_params = sum(p.numel() for p in model.parameters())
-    _LOG.info("built %s (num_classes=%d, cifar_stem=%s, kwargs=%s): %.2fM params",
-              name, num_classes, cifar_stem, extra, n_params / 1e6)
+    _LOG.info(
+        "built %s (num_classes=%d, cifar_stem=%s, kwargs=%s): %.2fM params",
+        name,
+        num_classes,
+        cifar_stem,
+        extra,
+        n_params / 1e6,
+    )
     return model

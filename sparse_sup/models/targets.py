@@ -92,6 +92,12 @@ def select_targets(
     total = sum(p.numel() for _, p in named)
     if not targets:
         _LOG.warning("select_targets: no parameter selected (include=%s, exclude=%s)", inc, exc)
-    _LOG.info("select_targets: %d/%d tensors, %d/%d elements (%.1f%%)",
-              len(targets), len(named), n_el, total, 100.0 * n_el / max(total, 1))
+    _LOG.info(
+        "select_targets: %d/%d tensors, %d/%d elements (%.1f%%)",
+        len(targets),
+        len(named),
+        n_el,
+        total,
+        100.0 * n_el / max(total, 1),
+    )
     return targets

@@ -115,8 +115,11 @@ class Run:
             if c.train.compile:
                 model = torch.compile(model)
             self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, c.optim))
-        self.module = getattr(self.model, "module", self.model) if self.parallelism == "deepspeed" else (
-            self.accelerator.unwrap_model(self.model))
+        self.module = (
+            getattr(self.model, "module", self.model)
+            if self.parallelism == "deepspeed"
+            else (self.accelerator.unwrap_model(self.model))
+        )
         if self.parallelism == "deepspeed":
             from ..backends.deepspeed import DeepSpeedBackend
 
@@ -304,7 +307,9 @@ class Run:
         for _ in range(accum):
             images, labels = next(micro)
             images, labels = images.to(ds.device), labels.to(ds.device)
-            loss = F.cross_entropy(ds(images).float(), labels, label_smoothing=self.config.optim.label_smoothing)
+            loss = F.cross_entropy(
+                ds(images).float(), labels, label_smoothing=self.config.optim.label_smoothing
+            )
             if self.p.deepspeed_config is not None:
                 ds.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
                 ds.step()

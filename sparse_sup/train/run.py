@@ -49,7 +49,9 @@ def run_training(
         from ..backends.deepspeed_config import fill_deepspeed_config
 
         if deepspeed_config:
-            prepared.deepspeed_config = fill_deepspeed_config(deepspeed_config, config, accelerator.num_processes)
+            prepared.deepspeed_config = fill_deepspeed_config(
+                deepspeed_config, config, accelerator.num_processes
+            )
         elif accelerator.state.deepspeed_plugin is not None:  # Accelerate cannot infer "auto" without
             plugin = accelerator.state.deepspeed_plugin  # prepared data loaders: fill it from our config
             fill_deepspeed_config(plugin.deepspeed_config, config, accelerator.num_processes)
@@ -64,7 +66,8 @@ def run_training(
         report(
             f"\nSup-tickets on {config.model.name}, {config.sparse.method}, density {config.sparse.density}, "
             f"{plan['num_cycles']} tickets ({100 * plan['cycles_fraction']:.0f}% of the budget in cycles), "
-            f"world size {summary['world_size']}\n{summary_table(summary)}\n\nrun directory: {prepared.run_dir}"
+            f"world size {summary['world_size']}\n{summary_table(summary)}\n"
+            f"\nrun directory: {prepared.run_dir}"
         )
     return _exit(accelerator, 0)
 

@@ -72,7 +72,9 @@ class TensorData:
 
 def make_data():
     g = torch.Generator().manual_seed(1234)
-    x = torch.randn(NUM_TRAIN + NUM_TEST, 3, 6, 6, generator=g, dtype=torch.float64).to(torch.get_default_dtype())
+    x = torch.randn(NUM_TRAIN + NUM_TEST, 3, 6, 6, generator=g, dtype=torch.float64).to(
+        torch.get_default_dtype()
+    )
     y = torch.randint(0, 5, (NUM_TRAIN + NUM_TEST,), generator=g)
     return TensorData(x[:NUM_TRAIN], y[:NUM_TRAIN]), TensorData(x[NUM_TRAIN:], y[NUM_TRAIN:])
 
@@ -146,8 +148,10 @@ class ToyRun:
                 from sparse_sup.backends.deepspeed import DeepSpeedBackend
 
                 ds_config = {
-                    "train_batch_size": BATCH, "train_micro_batch_size_per_gpu": BATCH // world,
-                    "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+                    "train_batch_size": BATCH,
+                    "train_micro_batch_size_per_gpu": BATCH // world,
+                    "gradient_accumulation_steps": 1,
+                    "zero_allow_untested_optimizer": True,
                     "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0},
                     "steps_per_print": 10**9,
                 }
@@ -285,7 +289,9 @@ class ToyRun:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["reference", "ddp", "fsdp2", "zero1", "zero2", "zero3"], required=True)
+    parser.add_argument(
+        "--mode", choices=["reference", "ddp", "fsdp2", "zero1", "zero2", "zero3"], required=True
+    )
     parser.add_argument("--float32", action="store_true", help="compute in float32 (DeepSpeed masters)")
     parser.add_argument("--method", default="rigl")
     parser.add_argument("--world", type=int, default=None)

@@ -79,8 +79,17 @@ def test_deepspeed_zero_matches_single_process_reference(tmp_path, references, s
     weights drift ~2e-4 from the reference over 24 steps at lr 0.1 (its reduce-scatter sums in
     another order); masks must still be identical at every update."""
     out = tmp_path / "result.pt"
-    torchrun(2, "equivalence_worker.py", "--mode", f"zero{stage}", "--method", method, "--float32",
-             "--out", str(out))
+    torchrun(
+        2,
+        "equivalence_worker.py",
+        "--mode",
+        f"zero{stage}",
+        "--method",
+        method,
+        "--float32",
+        "--out",
+        str(out),
+    )
     got = torch.load(out, weights_only=False)
     assert got["checked_steps"] == 24  # masked fp32 master, model weights and optimizer state zero
     compare_runs(got, references(method, 2, torch.float32), rtol=1e-5, atol=atol)
@@ -129,8 +138,18 @@ def test_deepspeed_launcher_end_to_end(tmp_path, stage):
     run_dir = tmp_path / f"zero{stage}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "train.py", "--deepspeed", f"launch/deepspeed/zero{stage}.json",
-           "--config", "configs/tiny-test.yaml", f"--experiment.output_dir={run_dir}", "--schedule.epochs=3"]
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "train.py",
+        "--deepspeed",
+        f"launch/deepspeed/zero{stage}.json",
+        "--config",
+        "configs/tiny-test.yaml",
+        f"--experiment.output_dir={run_dir}",
+        "--schedule.epochs=3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parallelism: deepspeed over 2 process(es)" in proc.stdout + proc.stderr
@@ -145,8 +164,15 @@ def test_deepspeed_config_auto_values_and_contradictions(tmp_path):
     from sparse_sup.backends.deepspeed_config import fill_deepspeed_config
     from sparse_sup.config import load_config
 
-    config = load_config(None, ["--schedule.batch_size=64", "--schedule.grad_accum_steps=2",
-                                "--optim.max_grad_norm=1.0", "--train.precision=bf16"])
+    config = load_config(
+        None,
+        [
+            "--schedule.batch_size=64",
+            "--schedule.grad_accum_steps=2",
+            "--optim.max_grad_norm=1.0",
+            "--train.precision=bf16",
+        ],
+    )
     filled = fill_deepspeed_config(ROOT / "launch" / "deepspeed" / "zero3.json", config, world_size=4)
     assert filled["train_batch_size"] == 64 and filled["train_micro_batch_size_per_gpu"] == 8
     assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 1.0

@@ -29,9 +29,20 @@ COMMON = ["--config", "configs/tiny-test.yaml", "--train.precision=bf16", "--sch
 def test_accelerate_nccl_bf16(tmp_path, engine):
     gpus = max(1, torch.cuda.device_count())
     run_dir = tmp_path / engine
-    summary = _run([str(BIN / "accelerate"), "launch", "--config_file", f"launch/accelerate/{engine}-gpu.yaml",
-                    "--num_processes", str(gpus), "train.py", *COMMON, f"--experiment.output_dir={run_dir}"],
-                   run_dir)
+    summary = _run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            f"launch/accelerate/{engine}-gpu.yaml",
+            "--num_processes",
+            str(gpus),
+            "train.py",
+            *COMMON,
+            f"--experiment.output_dir={run_dir}",
+        ],
+        run_dir,
+    )
     assert summary["parallelism"] == engine
     assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
 
@@ -41,7 +52,18 @@ def test_accelerate_nccl_bf16(tmp_path, engine):
 def test_deepspeed_bf16_masters(tmp_path, stage):
     gpus = max(1, torch.cuda.device_count())
     run_dir = tmp_path / f"zero{stage}"
-    summary = _run([str(BIN / "deepspeed"), "--num_gpus", str(gpus), "train.py", "--deepspeed",
-                    f"launch/deepspeed/zero{stage}.json", *COMMON, f"--experiment.output_dir={run_dir}"], run_dir)
+    summary = _run(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(gpus),
+            "train.py",
+            "--deepspeed",
+            f"launch/deepspeed/zero{stage}.json",
+            *COMMON,
+            f"--experiment.output_dir={run_dir}",
+        ],
+        run_dir,
+    )
     assert summary["parallelism"] == "deepspeed"
     assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)

@@ -12,8 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("engine, parallelism", [("ddp", "ddp"), ("fsdp2", "fsdp2"),
-                                                 ("deepspeed_zero2", "deepspeed"), ("deepspeed_zero3", "deepspeed")])
+@pytest.mark.parametrize(
+    "engine, parallelism",
+    [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("deepspeed_zero2", "deepspeed"), ("deepspeed_zero3", "deepspeed")],
+)
 def test_accelerate_launch_two_cpu_processes(tmp_path, engine, parallelism):
     run_dir = tmp_path / engine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
