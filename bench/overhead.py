@@ -67,17 +67,9 @@ def make_step(variant: str, build: Callable[[], torch.nn.Module], batch: int) ->
         ]
         if variant == "grad_mask":
             overrides.append("--sparse.enforce_every_step=false")
-        cfg = load_config(None, overrides)
+        cfg = load_config(None, [*overrides, f"--optim.lr={LR}", f"--experiment.seed={SEED}"])
         plan = resolve_plan(cfg, num_train_samples=64 * 100000)  # no update / cycle while timing
-        engine = SupTicketsEngine(
-            sparse=cfg.sparse,
-            tickets=cfg.tickets,
-            schedule=cfg.schedule,
-            base_lr=LR,
-            plan=plan,
-            backend=LocalBackend(model, opt, names),
-            seed=SEED,
-        )
+        engine = SupTicketsEngine.from_config(cfg, plan, LocalBackend(model, opt, names))
         engine.init_masks()
     gen = torch.Generator().manual_seed(SEED)
     x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from .config.plan import StepPlan
-from .config.schema import ScheduleConfig, SparseConfig, TicketsConfig
+from .config.schema import Config, ScheduleConfig, SparseConfig, TicketsConfig
 from .core import schedules
 from .core.collectives import Collectives
 from .core.masks import MaskState
@@ -89,6 +89,22 @@ class SupTicketsEngine:
         self.chain: SuperpositionChain | None = None
         self.num_tickets = 0
         self._grad_scores: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: Config, plan: StepPlan, backend: Backend, hooks: EngineHooks | None = None
+    ) -> SupTicketsEngine:
+        """The engine a run's config describes (base LR from ``optim.lr``, seed from ``experiment``)."""
+        return cls(
+            sparse=config.sparse,
+            tickets=config.tickets,
+            schedule=config.schedule,
+            base_lr=config.optim.lr,
+            plan=plan,
+            backend=backend,
+            seed=config.experiment.seed,
+            hooks=hooks,
+        )
 
     # ---- set-up -------------------------------------------------------------------------
     def init_masks(self) -> None:

@@ -128,16 +128,7 @@ class Run:
             self.backend = FSDP2Backend(self.model, self.optimizer, self.p.target_names)
         else:
             self.backend = LocalBackend(self.model, self.optimizer, self.p.target_names, self.dp)
-        self.engine = SupTicketsEngine(
-            sparse=c.sparse,
-            tickets=c.tickets,
-            schedule=c.schedule,
-            base_lr=c.optim.lr,
-            plan=self.p.plan,
-            backend=self.backend,
-            seed=c.experiment.seed,
-            hooks=LoopHooks(self),
-        )
+        self.engine = SupTicketsEngine.from_config(c, self.p.plan, self.backend, LoopHooks(self))
         if self.parallelism == "deepspeed":
             self.backend.wrap_optimizer_step(self.engine)  # the real step may run inside backward()
         self.engine.init_masks()

@@ -95,6 +95,7 @@ def make_config(method: str):
             "--tickets.cycles_fraction=0.25",
             "--tickets.reexplore_fraction=0.5",
             "--optim.lr=0.1",
+            "--experiment.seed=7",
             "--sparse.check_ranks=true",
         ],
     )
@@ -171,16 +172,7 @@ class ToyRun:
                 backend = FSDP2Backend(self.model, self.optimizer, TARGETS)
         self.backend = backend
         self.events, self.superposed, self.checked_steps = [], [], 0
-        self.engine = SupTicketsEngine(
-            sparse=config.sparse,
-            tickets=config.tickets,
-            schedule=config.schedule,
-            base_lr=0.1,
-            plan=self.plan,
-            backend=backend,
-            seed=7,
-            hooks=Recorder(self),
-        )
+        self.engine = SupTicketsEngine.from_config(config, self.plan, backend, Recorder(self))
         if mode.startswith("zero"):
             backend.wrap_optimizer_step(self.engine)
 

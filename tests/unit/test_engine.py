@@ -29,18 +29,9 @@ def make_engine(
     hooks: EngineHooks | None = None,
     base_lr: float = 0.1,
 ):
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*overrides, f"--experiment.seed={seed}", f"--optim.lr={base_lr}"])
     plan = resolve_plan(cfg, num_samples)
-    engine = SupTicketsEngine(
-        sparse=cfg.sparse,
-        tickets=cfg.tickets,
-        schedule=cfg.schedule,
-        base_lr=base_lr,
-        plan=plan,
-        backend=LocalBackend(model, opt, names),
-        seed=seed,
-        hooks=hooks,
-    )
+    engine = SupTicketsEngine.from_config(cfg, plan, LocalBackend(model, opt, names), hooks)
     engine.init_masks()
     return engine
 

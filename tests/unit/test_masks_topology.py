@@ -304,25 +304,16 @@ def test_training_invariants_every_step(method: str, opt_kind: str, in_cycles: s
     ]
     if method == "granet":
         overrides += ["--sparse.granet_initial_density=0.5", "--sparse.granet_prune_end_epoch=3"]
-    cfg = load_config(None, overrides)
+    lr = 0.05 if opt_kind == "sgd" else 1e-2
+    cfg = load_config(None, [*overrides, f"--optim.lr={lr}", "--experiment.seed=0"])
     plan = resolve_plan(cfg, NUM_SAMPLES)
     assert (plan.total_steps, plan.pre_steps, plan.cycle_steps) == (60, 40, 10)
     torch.manual_seed(0)
     model = SmallCNN()
-    lr = 0.05 if opt_kind == "sgd" else 1e-2
     opt = make_optimizer(opt_kind, model.parameters())
     x, y = torch.randn(NUM_SAMPLES, 3, 6, 6), torch.randint(0, 10, (NUM_SAMPLES,))
     hooks = Recorder(model, x)
-    engine = SupTicketsEngine(
-        sparse=cfg.sparse,
-        tickets=cfg.tickets,
-        schedule=cfg.schedule,
-        base_lr=lr,
-        plan=plan,
-        backend=LocalBackend(model, opt, BN_TARGETS),
-        seed=0,
-        hooks=hooks,
-    )
+    engine = SupTicketsEngine.from_config(cfg, plan, LocalBackend(model, opt, BN_TARGETS), hooks)
     engine.init_masks()
     params = dict(model.named_parameters())
     n_total = engine.total_target_weights
