@@ -1,0 +1,60 @@
+"""``sparse-sup train`` (also ``sparse-sup`` and ``python train.py`` without a subcommand): one run.
+
+    sparse-sup train --config configs/debug-cpu.yaml --sparse.density=0.05 --tickets.num_cycles=2
+
+Launcher flags (--local_rank, --deepspeed) are accepted; any config key is overridden with
+``--section.key=value``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "train a model (the default when no command is given)"
+ACCEPTS_OVERRIDES = True
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "debug-cpu.yaml"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Dynamic sparse training with Sup-tickets. Any config key can be overridden "
+        "with --section.key=value (e.g. --sparse.density=0.05)."
+    )
+    parser.add_argument("--config", default=None, help="experiment YAML (default: configs/debug-cpu.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--deepspeed",
+        "--deepspeed_config",
+        dest="deepspeed",
+        default=None,
+        help="DeepSpeed JSON (ZeRO stages: see README)",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import config_to_dict, load_config
+
+    config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    try:
+        config = load_config(config_path, args.overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        return 0
+    from ..train.run import run_training
+
+    def report(text: str) -> None:
+        print(text, flush=True)
+
+    def report_error(text: str) -> None:
+        print(f"error: {text}", file=sys.stderr, flush=True)
+
+    return run_training(config, report, report_error, deepspeed_config=args.deepspeed)
