@@ -194,6 +194,7 @@ class TicketsConfig:
     include_phase1_model: bool = True  # S_0 = P; False leaves P out of the average
     bn_recalibration: bool = True
     bn_recal_batches: int | None = None  # None: one pass over the training data
+    bn_recal_augment: bool = True  # recalibrate on training-transform batches; False: clean images
 
     def __post_init__(self) -> None:
         _check(self.num_cycles >= 0, "tickets.num_cycles", self.num_cycles, "an integer >= 0")

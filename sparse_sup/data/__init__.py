@@ -8,7 +8,7 @@ from .datasets import (
     load_split_datasets,
     make_loader,
 )
-from .keys import hash32, mix32, sample_key, sample_keys
+from .keys import hash32, mix32, recalibration_epoch, sample_key, sample_keys
 from .sampler import EvalShardSampler, GlobalBatchSampler
 from .transforms import (
     CIFAR10_MEAN,
@@ -42,6 +42,7 @@ __all__ = [
     "load_split_datasets",
     "make_loader",
     "mix32",
+    "recalibration_epoch",
     "sample_key",
     "sample_keys",
 ]

@@ -47,6 +47,14 @@ def sample_key(seed: int, epoch: int, index: int) -> int:
     return mix32(seed, epoch, index)
 
 
+def recalibration_epoch(counter: int) -> int:
+    """The key "epoch" of BN-recalibration pass ``counter`` (0, 1, ...): negative, so its
+    augmentations and sample order never coincide with those of a training epoch (epochs >= 0)."""
+    if counter < 0:
+        raise ValueError(f"recalibration counter must be >= 0, got {counter}")
+    return -1 - counter
+
+
 def sample_keys(seed: int, epochs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Vectorised ``sample_key`` for int64 tensors of epochs and indices (same shape)."""
     out = torch.empty_like(indices, dtype=torch.int64)

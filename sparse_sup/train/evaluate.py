@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.collectives import Collectives
-from ..data import EvalShardSampler, make_loader
+from ..data import EvalShardSampler, make_loader, mix32, recalibration_epoch
 
 
 @torch.no_grad()
@@ -63,13 +63,19 @@ def recalibration_batches(
     device: torch.device,
     dtype: torch.dtype,
     lockstep: bool = False,
+    counter: int = 0,
 ):
-    """Training images (no augmentation) for BN recalibration, in batches whose content does not
-    depend on the world size: batch j holds a fixed seeded slice and goes to rank j mod W.
+    """Training images for BN recalibration pass ``counter``, in batches whose content does not
+    depend on the world size: batch j holds a fixed slice of a seeded order and goes to rank j mod W.
+
+    Sample ``i`` is served with the key ``(recalibration_epoch(counter), i)``: through the training
+    transform (``dataset.train``) it gets augmentations of its own, a pure function of
+    (seed, counter, i). The order is seeded by (seed, counter) as a training epoch's is.
     With ``lockstep`` every rank yields the same number of items (``Discard``: forward only)."""
     from ..tickets import Discard
 
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    epoch = recalibration_epoch(counter)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(mix32(seed, epoch)))
     total = len(dataset) // batch_size
     if num_batches is not None:
         total = min(total, num_batches)
@@ -78,6 +84,6 @@ def recalibration_batches(
     rounds = -(-total // world) if lockstep else len(mine)
     for i in range(rounds):
         j = mine[i] if i < len(mine) else 0
-        keys = [(0, int(k)) for k in order[j * batch_size : (j + 1) * batch_size]]
+        keys = [(epoch, int(k)) for k in order[j * batch_size : (j + 1) * batch_size]]
         images = dataset.get_batch(keys)[0].to(device, dtype)
         yield images if i < len(mine) else Discard(images)

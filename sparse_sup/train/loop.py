@@ -44,7 +44,7 @@ class LoopHooks(EngineHooks):
         self.run.record(f"T_{index + 1}", engine, snapshot=f"ticket_{index + 1}.pt")
 
     def recalibrate_bn(self, engine: SupTicketsEngine) -> None:
-        self.run.recalibrate_bn()
+        self.run.recalibrate_bn(counter=engine.num_tickets)  # S_i: pass i draws augmentations of its own
 
     def on_superposed(self, engine: SupTicketsEngine, index: int) -> None:
         if engine.chain.masks:  # re-pruned S
@@ -162,7 +162,7 @@ class Run:
             lockstep=self.lockstep,
         )
 
-    def recalibrate_bn(self) -> None:
+    def recalibrate_bn(self, counter: int = 0) -> None:
         t, d = self.config.tickets, self.config.data
         batches = recalibration_batches(
             self.p.bn_set,
@@ -173,6 +173,7 @@ class Run:
             self.accelerator.device,
             self.dtype,
             lockstep=self.lockstep,
+            counter=counter,
         )
         recalibrate_batchnorm(self.module, batches, self.dp)
 

@@ -33,7 +33,7 @@ class Prepared:
     target_names: list[str]
     train_set: ImageClassificationDataset
     eval_set: ImageClassificationDataset
-    bn_set: ImageClassificationDataset  # training images without augmentation
+    bn_set: ImageClassificationDataset  # training images, augmented unless tickets.bn_recal_augment=false
     plan: StepPlan
     run_dir: Path
     class_names: list[str]
@@ -89,7 +89,11 @@ def prepare(config: Config) -> Prepared:
     common = dict(seed=config.experiment.seed, style=d.style, image_size=d.image_size, mean=mean, std=std)
     train_set = ImageClassificationDataset(train_hf, train=True, **common)
     eval_set = ImageClassificationDataset(eval_hf, train=False, **common)
-    if train_set.in_memory:
+    # BN statistics must match what the layers saw in training: by default recalibration draws its
+    # batches through the training transform (with keys of its own, see recalibration_batches)
+    if config.tickets.bn_recal_augment:
+        bn_set = train_set
+    elif train_set.in_memory:
         bn_set = copy.copy(train_set)  # shares the decoded images; no augmentation
         bn_set.train = False
     else:
