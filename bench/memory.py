@@ -242,18 +242,17 @@ def worker(breakdown: bool) -> None:
     shard = CountingCollectives(backend.shard)
     targets = backend.targets()
     res["targets"] = len(targets)
-    state_names, state_tensors = backend.state_tensors()
-    res["local_bytes"] = sum(t.numel() * t.element_size() for t in state_tensors)
+    state = backend.state_tensors()
+    res["local_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
     dense = [t.param.clone() for t in targets]
     masks = MaskState.initialize(targets, DENSITY, "erk", SEED, shard)  # zeroes the weights
 
     # S = CAA(T_a, T_b): T_a is the masked model, T_b the dense weights under another random mask
-    chain = SuperpositionChain(state_names, "caa")
-    chain.merge(state_tensors)
-    by_name = dict(zip(state_names, state_tensors))
+    chain = SuperpositionChain("caa")
+    chain.merge(state)
     gen = torch.Generator().manual_seed(SEED + 1000 + rank)
     other = {t.name: d * (torch.rand(d.shape, generator=gen) < DENSITY) for t, d in zip(targets, dense)}
-    chain.merge([other.get(n, by_name[n]) for n in state_names])
+    chain.merge({n: other.get(n, t) for n, t in state.items()})
     del dense, other
     keep = int(DENSITY * sum(t.numel for t in targets))
     grad_scores = {t.name: torch.rand(t.param.shape, generator=gen) for t in targets}

@@ -1,6 +1,6 @@
 """The phase machine of Sup-tickets: when to update topology, when cycles start and end, and the
-superposition side chain. It sees the model only through a ``Backend``; data-dependent work
-(evaluation, BN recalibration passes, saving) is delegated to ``EngineHooks``.
+superposition side chain. It sees the model only through a ``Backend`` (``backends/base.py``);
+data-dependent work (evaluation, BN recalibration passes, saving) is delegated to ``EngineHooks``.
 
 Call order per optimizer step (only real steps count):
     backward(s) ... -> engine.before_optimizer_step() -> clip -> optimizer.step()
@@ -12,37 +12,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config.plan import StepPlan
 from .config.schema import Config, ScheduleConfig, SparseConfig, TicketsConfig
 from .core import schedules
-from .core.collectives import Collectives
 from .core.masks import MaskState
 from .core.targets import Target
 from .core.topology import drop_and_grow, global_prune
 from .tickets.superpose import SuperpositionChain
 
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
 log = logging.getLogger(__name__)
-
-
-class Backend(Protocol):
-    """What an engine adapter provides. ``targets`` and ``state_tensors`` are local pieces in
-    the parameters' own placement; ``shard`` spans ranks holding different pieces of the same
-    tensors (selection), ``data_parallel`` spans replicas seeing different data (BN, eval)."""
-
-    shard: Collectives
-    data_parallel: Collectives
-
-    def targets(self) -> list[Target]: ...
-
-    def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]: ...
-
-    def refresh_model_weights(self) -> None:
-        """Propagate in-place changes of the targets to any other copy of the weights (DeepSpeed's
-        model weights mirror its fp32 masters); a no-op where the targets are the weights."""
 
 
 class EngineHooks:
@@ -89,6 +74,7 @@ class SupTicketsEngine:
         self.chain: SuperpositionChain | None = None
         self.num_tickets = 0
         self._grad_scores: dict[str, torch.Tensor] | None = None
+        backend.attach(self)  # DeepSpeed runs this engine inside its own optimizer step
 
     @classmethod
     def from_config(
@@ -288,11 +274,13 @@ class SupTicketsEngine:
             raise RuntimeError(f"masks differ across ranks after {event} at step {completed}")
 
     # ---- tickets and superposition ------------------------------------------------------
+    def _new_chain(self) -> SuperpositionChain:
+        return SuperpositionChain(self.tickets.merge, self.tickets.ema_decay)
+
     def _merge_into_chain(self) -> None:
-        names, tensors = self.backend.state_tensors()
         if self.chain is None:
-            self.chain = SuperpositionChain(names, self.tickets.merge, self.tickets.ema_decay)
-        self.chain.merge(tensors)
+            self.chain = self._new_chain()
+        self.chain.merge(self.backend.state_tensors())
 
     def _make_ticket(self, index: int) -> None:
         self.num_tickets = index + 1
@@ -301,7 +289,7 @@ class SupTicketsEngine:
         self._merge_into_chain()
         if self.tickets.reprune == "every" or index == self.plan.num_cycles - 1:
             self.chain.reprune(self.targets, self.final_keep, self.backend.shard)
-        _, tensors = self.backend.state_tensors()
+        tensors = self.backend.state_tensors()
         self.chain.swap(tensors)  # the model holds S_i; training continues on T_i after the swap back
         self.backend.refresh_model_weights()
         try:
@@ -316,8 +304,7 @@ class SupTicketsEngine:
         """The final model is S_M: install its tensors and masks in place."""
         if self.chain is None or self.num_tickets == 0:
             return
-        _, tensors = self.backend.state_tensors()
-        self.chain.swap(tensors)
+        self.chain.swap(self.backend.state_tensors())
         for name, mask in self.chain.masks.items():
             self.masks.masks[name].copy_(mask)
         self.masks.recount()
@@ -329,3 +316,34 @@ class SupTicketsEngine:
             self.masks.total_active(),
             self.masks.density(self.targets),
         )
+
+    # ---- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the engine needs to continue exactly: counters, masks and the chain, keyed
+        by name, in this rank's placement (each rank saves its own)."""
+        return {
+            "step": self.step,
+            "num_tickets": self.num_tickets,
+            "targets": [t.name for t in self.targets],
+            "masks": self.masks.state_dict(),
+            "chain": None if self.chain is None else self.chain.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore after ``init_masks()`` on the same model, engine and world size."""
+        names = [t.name for t in self.targets]
+        if state["targets"] != names:
+            raise ValueError(
+                f"checkpoint targets {state['targets'][:3]}... differ from this model's {names[:3]}...; "
+                "resume with the same model and sparse.include/exclude"
+            )
+        self.masks.load_state_dict(state["masks"])
+        self.step, self.num_tickets = state["step"], state["num_tickets"]
+        self.chain = None
+        if state["chain"] is not None:
+            self.chain = self._new_chain()
+            self.chain.load_state_dict(state["chain"])
+
+    def rebind(self) -> None:
+        """Re-read the backend's targets (after an engine replaced tensors, e.g. a checkpoint load)."""
+        self.targets = self.backend.targets()

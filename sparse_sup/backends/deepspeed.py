@@ -13,10 +13,13 @@ Private DeepSpeed APIs used (pinned by tests/distributed): ZeRO-1/2 ``param._hp_
 (``lp_fragment_address``, ``hp_fragment``, ``get_hp_fragment``, ``get_lp_grad_fragment``),
 ``param._index_in_param_group``, ``optimizer.update_lp_params()``; ZeRO-3 ``param.ds_tensor``,
 ``ds_numel``, ``ds_process_group``. Nothing here gathers a whole parameter except ``full_state`` /
-``full_masks`` (ticket files; a later issue makes them sharded).
+``full_masks`` (the consolidated export and tests).
 """
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,18 +27,22 @@ import torch.distributed as dist
 from ..core.collectives import Collectives
 from ..core.names import normalize_name
 from ..core.targets import Target
+from .base import Layout
 from .collectives import ProcessGroupCollectives
 
 
 class DeepSpeedBackend:
     """Targets over a ``DeepSpeedEngine``'s fp32 master fragments (ZeRO stage 1, 2 or 3)."""
 
+    kind = "deepspeed"
+
     def __init__(self, ds_engine, target_names: list[str]) -> None:
-        self.ds_engine = ds_engine
+        self.ds_engine = self.model = ds_engine
         self.optimizer = ds_engine.optimizer  # the ZeRO optimizer
         self.stage = ds_engine.zero_optimization_stage()
         if self.stage not in (1, 2, 3):
             raise ValueError(f"sparse_sup needs ZeRO stage 1, 2 or 3 with DeepSpeed, got stage {self.stage}")
+        self.lockstep = self.stage == 3  # ZeRO-3 forwards all-gather parameters
         self.module = ds_engine.module
         self.target_names = [normalize_name(n) for n in target_names]
         self.shard: Collectives = ProcessGroupCollectives()
@@ -115,16 +122,20 @@ class DeepSpeedBackend:
             )
         return targets
 
-    def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
+    def state_tensors(self) -> dict[str, torch.Tensor]:
         """fp32 master fragments of every parameter, then the module's buffers."""
-        names, tensors = [], []
+        tensors = {name: self._fragment(p)[1] for name, p in self.params.items()}
+        tensors.update({normalize_name(n): b for n, b in self.module.named_buffers()})
+        return tensors
+
+    def layouts(self) -> dict[str, Layout]:
+        layouts = {}
         for name, p in self.params.items():
-            names.append(name)
-            tensors.append(self._fragment(p)[1])
+            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
+            layouts[name] = Layout(shape, self._fragment(p)[0], False)
         for name, b in self.module.named_buffers():
-            names.append(normalize_name(name))
-            tensors.append(b)
-        return names, tensors
+            layouts[normalize_name(name)] = Layout(tuple(b.shape), 0, True)
+        return layouts
 
     @torch.no_grad()
     def refresh_model_weights(self) -> None:
@@ -138,6 +149,32 @@ class DeepSpeedBackend:
             self.optimizer.update_lp_params()
 
     # ---- step wrapper -------------------------------------------------------------------------
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """DeepSpeed counts micro-batches itself (``gradient_accumulation_steps`` of its config)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
+        """DeepSpeed divides by its accumulation steps and steps only at the boundary. Called
+        directly (not through ``accelerator.backward``, which would mark every micro-batch a
+        boundary outside ``accelerator.accumulate``), so both launchers behave the same."""
+        self.ds_engine.backward(loss)
+        self.ds_engine.step()
+
+    def optimizer_step(self) -> bool:
+        """The step already ran inside the last ``backward`` (with the sparse engine around it)."""
+        return bool(self.ds_engine.was_step_applied())
+
+    def save_training_state(self, directory: Path) -> None:
+        self.ds_engine.save_checkpoint(str(directory), tag="engine")
+
+    def load_training_state(self, directory: Path) -> None:
+        path, _ = self.ds_engine.load_checkpoint(str(directory), tag="engine")
+        if path is None:
+            raise ValueError(f"{directory}: DeepSpeed found no engine checkpoint to load")
+
+    def attach(self, sparse_engine) -> None:
+        self.wrap_optimizer_step(sparse_engine)
+
     def wrap_optimizer_step(self, sparse_engine) -> None:
         """Run the sparse engine around DeepSpeed's real optimizer step (also inside backward)."""
         zero = self.optimizer

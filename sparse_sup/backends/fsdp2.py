@@ -10,6 +10,10 @@ shards of their DTensors. BN buffers are replicated, so ``sync_buffers`` average
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -18,7 +22,9 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from ..core.collectives import Collectives
 from ..core.names import normalize_name
 from ..core.targets import Target
+from .base import Layout, StepOptions, TorchOptimizerStep
 from .collectives import ProcessGroupCollectives
+from .dcp import dcp_load, dcp_save
 from .local import unwrap_optimizer
 
 BLOCK_CLASS_NAMES = ("BasicBlock", "Bottleneck", "Block", "ResidualBlock")
@@ -55,18 +61,23 @@ class FSDP2Backend:
     """Local shards of a ``fully_shard``-ed model. ``shard`` and ``data_parallel`` are the same
     group here (pure FSDP: every rank holds different rows and sees different data)."""
 
+    kind = "fsdp2"
+    lockstep = True  # every forward all-gathers parameters
+
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer,
         target_names: list[str],
         group: dist.ProcessGroup | None = None,
+        options: StepOptions | None = None,
     ) -> None:
-        self.model = model
+        self.model = self.module = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.target_names = [normalize_name(n) for n in target_names]
         self.shard: Collectives = ProcessGroupCollectives(group)
         self.data_parallel: Collectives = self.shard
+        self._step = TorchOptimizerStep(self.optimizer, options)
 
     def _target(self, name: str, p: torch.nn.Parameter) -> Target:
         def grad() -> torch.Tensor | None:
@@ -95,11 +106,41 @@ class FSDP2Backend:
     def refresh_model_weights(self) -> None:
         """Targets alias the model's own weights: nothing to propagate."""
 
-    def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
-        items = [
-            (normalize_name(n), _local(t).detach()) for n, t in self.model.state_dict(keep_vars=True).items()
-        ]
-        return [n for n, _ in items], [t for _, t in items]
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            normalize_name(n): _local(t).detach() for n, t in self.model.state_dict(keep_vars=True).items()
+        }
+
+    def layouts(self) -> dict[str, Layout]:
+        return {
+            normalize_name(n): Layout(tuple(t.shape), fsdp2_flat_offset(t), not isinstance(t, DTensor))
+            for n, t in self.model.state_dict(keep_vars=True).items()
+        }
+
+    # ---- the step ------------------------------------------------------------------------------
+    def attach(self, engine) -> None:
+        self._step.engine = engine
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Inside accumulation FSDP2 keeps unsharded gradients and reduce-scatters on the last one."""
+        self.model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
+        self._step.backward(loss, accum_steps)
+
+    def optimizer_step(self) -> bool:
+        return self._step.step()
+
+    def save_training_state(self, directory: Path) -> None:
+        dcp_save(self.model, self.optimizer, directory)
+
+    def load_training_state(self, directory: Path) -> None:
+        dcp_load(self.model, self.optimizer, directory)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Whole tensors of the model state (collective: all-gathers every parameter)."""

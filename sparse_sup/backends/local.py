@@ -5,11 +5,16 @@ random choices come from counter-based keys."""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import torch
 
 from ..core.collectives import LOCAL, Collectives
 from ..core.names import normalize_name
 from ..core.targets import Target, whole_tensor_target
+from .base import Layout, StepOptions, TorchOptimizerStep
+from .dcp import dcp_load, dcp_save
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
@@ -23,8 +28,19 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Opt
     return optimizer
 
 
+def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
 class LocalBackend:
     """Whole-tensor targets on ``model`` (possibly DDP- or compile-wrapped: names are normalised)."""
+
+    lockstep = False
 
     def __init__(
         self,
@@ -32,12 +48,16 @@ class LocalBackend:
         optimizer: torch.optim.Optimizer | None,
         target_names: list[str],
         data_parallel: Collectives = LOCAL,
+        options: StepOptions | None = None,
     ) -> None:
         self.model = model
+        self.module = unwrap_module(model)
         self.optimizer = unwrap_optimizer(optimizer)
         self.target_names = [normalize_name(n) for n in target_names]
         self.shard: Collectives = LOCAL
         self.data_parallel = data_parallel
+        self.kind = "ddp" if data_parallel.world_size > 1 else "single"
+        self._step = TorchOptimizerStep(self.optimizer, options)
 
     def targets(self) -> list[Target]:
         params = {normalize_name(n): p for n, p in self.model.named_parameters()}
@@ -49,13 +69,37 @@ class LocalBackend:
     def refresh_model_weights(self) -> None:
         """Targets alias the model's own weights: nothing to propagate."""
 
-    def state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
+    def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer (detached views), in state_dict order."""
-        items = [(normalize_name(n), t.detach()) for n, t in self.model.state_dict(keep_vars=True).items()]
-        return [n for n, _ in items], [t for _, t in items]
+        return {normalize_name(n): t.detach() for n, t in self.model.state_dict(keep_vars=True).items()}
 
+    def layouts(self) -> dict[str, Layout]:
+        return {n: Layout(tuple(t.shape), 0, True) for n, t in self.state_tensors().items()}
+
+    # ---- the step ------------------------------------------------------------------------------
+    def attach(self, engine) -> None:
+        self._step.engine = engine
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if not enabled and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()  # DDP: accumulate locally, all-reduce on the last micro-batch
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
+        self._step.backward(loss, accum_steps)
+
+    def optimizer_step(self) -> bool:
+        return self._step.step()
+
+    # ---- whole tensors and checkpoints ------------------------------------------------------------
     def full_state(self) -> dict[str, torch.Tensor]:
         return {normalize_name(k): v for k, v in self.model.state_dict().items()}
 
     def full_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return masks
+
+    def save_training_state(self, directory: Path) -> None:
+        dcp_save(self.module, self.optimizer, directory)
+
+    def load_training_state(self, directory: Path) -> None:
+        dcp_load(self.module, self.optimizer, directory)

@@ -90,16 +90,16 @@ def test_caa_with_reprune_matches_hand_recursion_with_ties() -> None:
     density = 0.5
     keep = math.floor(density * 17)
     assert keep == 8
-    chain = SuperpositionChain(NAMES, rule="caa")
+    chain = SuperpositionChain(rule="caa")
     live = model_tensors(models[0])  # the "model" whose tensors are merged
     targets = targets_for(live)
-    chain.merge(live)  # S_0 = P (not pruned)
+    chain.merge(dict(zip(NAMES, live)))  # S_0 = P (not pruned)
     hand = {k: (list(v) if isinstance(v, list) else v) for k, v in models[0].items()}
     ties_seen = 0
     for i in (1, 2, 3):
         for t, new in zip(live, model_tensors(models[i]), strict=True):
             t.copy_(new)
-        chain.merge(live)
+        chain.merge(dict(zip(NAMES, live)))
         a, b = Fraction(i, i + 1), Fraction(1, i + 1)
         merged = {
             k: (
@@ -112,7 +112,7 @@ def test_caa_with_reprune_matches_hand_recursion_with_ties() -> None:
         ties_seen += threshold_is_tied(merged, keep)
         chain.reprune(targets, keep, LOCAL)
         hand = hand_prune(merged, keep)
-        got = dict(zip(chain.names, chain.tensors, strict=True))
+        got = chain.tensors
         for k in ("a.weight", "b.weight", "a.bias"):
             expected = torch.tensor([float(v) for v in hand[k]], dtype=torch.float64).view(SHAPES[k])
             assert torch.allclose(got[k], expected, rtol=0, atol=1e-12), (i, k)
@@ -136,13 +136,13 @@ def test_caa_random_float_matches_formula() -> None:
         ]
         for m in range(4)
     ]
-    chain = SuperpositionChain(NAMES, rule="caa")
-    chain.merge(models[0])
+    chain = SuperpositionChain(rule="caa")
+    chain.merge(dict(zip(NAMES, models[0])))
     targets = targets_for(models[0])
     keep = math.floor(0.3 * 17)
     s = [t.clone() for t in models[0]]
     for i in (1, 2, 3):
-        chain.merge(models[i])
+        chain.merge(dict(zip(NAMES, models[i])))
         chain.reprune(targets, keep, LOCAL)
         s = [
             (i / (i + 1)) * a + (1 / (i + 1)) * b if a.is_floating_point() else b.clone()
@@ -154,7 +154,7 @@ def test_caa_random_float_matches_formula() -> None:
         mask[order] = True
         s[0] = s[0] * mask[:12].view(3, 4)
         s[2] = s[2] * mask[12:]
-        for a, b in zip(chain.tensors, s, strict=True):
+        for a, b in zip([chain.tensors[n] for n in NAMES], s, strict=True):
             assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-12)
         assert torch.equal(chain.masks["a.weight"], mask[:12].view(3, 4))
         assert torch.equal(chain.masks["b.weight"], mask[12:])
@@ -163,45 +163,46 @@ def test_caa_random_float_matches_formula() -> None:
 def test_ema_rule() -> None:
     g = torch.Generator().manual_seed(1)
     models = [[torch.randn(4, generator=g, dtype=torch.float64), torch.tensor(m)] for m in range(4)]
-    chain = SuperpositionChain(["w", "n"], rule="ema", ema_decay=0.3)
+    chain = SuperpositionChain(rule="ema", ema_decay=0.3)
     expected = models[0][0].clone()
     for i, m in enumerate(models):
-        chain.merge(m)
+        chain.merge(dict(zip("wn", m)))
         if i:
             expected = 0.3 * expected + 0.7 * m[0]
-        assert torch.allclose(chain.tensors[0], expected, rtol=0, atol=1e-12)
-        assert int(chain.tensors[1]) == i
+        assert torch.allclose(chain.tensors["w"], expected, rtol=0, atol=1e-12)
+        assert int(chain.tensors["n"]) == i
     # the chain owns copies: changing the model afterwards does not touch S
     models[-1][0].add_(100.0)
-    assert torch.allclose(chain.tensors[0], expected, rtol=0, atol=1e-12)
+    assert torch.allclose(chain.tensors["w"], expected, rtol=0, atol=1e-12)
     assert MERGE_RULES == ("caa", "ema")
     with pytest.raises(ValueError, match="unknown merge rule 'mean'"):
-        SuperpositionChain(["w"], rule="mean")
+        SuperpositionChain(rule="mean")
 
 
 def test_swap_exchanges_contents_in_place() -> None:
-    chain = SuperpositionChain(["w", "n"])
+    chain = SuperpositionChain()
     model = [torch.arange(6, dtype=torch.float32).view(2, 3), torch.tensor(3)]
-    chain.merge(model)
-    chain.tensors[0].mul_(-1)
-    chain.tensors[1].fill_(9)
+    named = dict(zip("wn", model))
+    chain.merge(named)
+    chain.tensors["w"].mul_(-1)
+    chain.tensors["n"].fill_(9)
     ptr_model = [t.data_ptr() for t in model]
-    ptr_chain = [t.data_ptr() for t in chain.tensors]
-    chain.swap(model)
+    ptr_chain = [t.data_ptr() for t in chain.tensors.values()]
+    chain.swap(named)
     assert torch.equal(model[0], -torch.arange(6, dtype=torch.float32).view(2, 3))
     assert int(model[1]) == 9
-    assert torch.equal(chain.tensors[0], torch.arange(6, dtype=torch.float32).view(2, 3))
-    assert int(chain.tensors[1]) == 3
+    assert torch.equal(chain.tensors["w"], torch.arange(6, dtype=torch.float32).view(2, 3))
+    assert int(chain.tensors["n"]) == 3
     assert [t.data_ptr() for t in model] == ptr_model
-    assert [t.data_ptr() for t in chain.tensors] == ptr_chain
-    chain.swap(model)  # swapping twice restores both
+    assert [t.data_ptr() for t in chain.tensors.values()] == ptr_chain
+    chain.swap(named)  # swapping twice restores both
     assert torch.equal(model[0], torch.arange(6, dtype=torch.float32).view(2, 3)) and int(model[1]) == 3
     # a real parameter: its storage is kept too
     lin = nn.Linear(3, 2)
-    chain2 = SuperpositionChain(["weight", "bias"])
-    tensors = [lin.weight.detach(), lin.bias.detach()]
+    chain2 = SuperpositionChain()
+    tensors = {"weight": lin.weight.detach(), "bias": lin.bias.detach()}
     chain2.merge(tensors)
-    chain2.tensors[0].zero_()
+    chain2.tensors["weight"].zero_()
     ptr = lin.weight.data_ptr()
     chain2.swap(tensors)
     assert lin.weight.data_ptr() == ptr and bool((lin.weight == 0).all())
@@ -215,24 +216,24 @@ def test_reprune_exact_count_with_ties(density: float) -> None:
         torch.full((5,), -2.0, dtype=torch.float64),
         torch.tensor(0),
     ]
-    chain = SuperpositionChain(NAMES)
-    chain.merge(tensors)
+    chain = SuperpositionChain()
+    chain.merge(dict(zip(NAMES, tensors)))
     keep = math.floor(density * 17)
     chain.reprune(targets_for(tensors), keep, LOCAL)
     flat_mask = torch.cat([chain.masks["a.weight"].reshape(-1), chain.masks["b.weight"].reshape(-1)])
     assert int(flat_mask.sum()) == keep
     assert flat_mask.tolist() == [i < keep for i in range(17)]  # all tie: lowest global indices
-    a, b = chain.tensors[0], chain.tensors[2]
+    a, b = chain.tensors["a.weight"], chain.tensors["b.weight"]
     assert int((a != 0).sum() + (b != 0).sum()) == keep
     # more to keep than there are non-zeros: still exactly ``keep`` in the masks
-    chain = SuperpositionChain(NAMES)
+    chain = SuperpositionChain()
     sparse = [
         torch.zeros(3, 4, dtype=torch.float64),
         torch.zeros(3, dtype=torch.float64),
         torch.tensor([0.0, 1.0, 0.0, -3.0, 0.0], dtype=torch.float64),
         torch.tensor(0),
     ]
-    chain.merge(sparse)
+    chain.merge(dict(zip(NAMES, sparse)))
     chain.reprune(targets_for(sparse), 5, LOCAL)
     assert sum(int(m.sum()) for m in chain.masks.values()) == 5
     assert chain.masks["b.weight"].tolist() == [False, True, False, True, False]
