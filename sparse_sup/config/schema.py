@@ -250,9 +250,16 @@ class TrainConfig:
     save_tickets: bool = True
     max_steps: int | None = None  # stop early after this many optimizer steps (debugging)
     progress_bar: bool = True
+    # experiment trackers through Accelerate (tensorboard, trackio, wandb, mlflow, or none);
+    # null: tensorboard when it is installed, else none. metrics.jsonl is written either way.
+    report_to: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        for tracker in self.report_to or ():
+            _choice("train.report_to", tracker, ("tensorboard", "trackio", "wandb", "mlflow", "none"))
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _check(
             self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1"

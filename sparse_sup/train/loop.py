@@ -26,7 +26,9 @@ from ..tickets import recalibrate_batchnorm
 from .evaluate import evaluate, recalibration_batches
 from .logs import MetricsWriter, setup_logging
 from .optim import build_optimizer
+from .progress import progress_enabled
 from .setup import Prepared
+from .tracking import MaskHistory, layer_densities, schedule_record, topology_record
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ class LoopHooks(EngineHooks):
         self.run = run
 
     def on_phase1_end(self, engine: SupTicketsEngine) -> None:
+        self.run.metrics.write(
+            event="masks", label="P", step=engine.step, layer_density=layer_densities(engine)
+        )
         self.run.record("P", engine)
 
     def on_ticket(self, engine: SupTicketsEngine, index: int) -> None:
@@ -59,24 +64,20 @@ class LoopHooks(EngineHooks):
             self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt")
 
     def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
-        counts = engine.masks.counts
-        per_layer = {t.name: counts[t.name] / t.numel for t in engine.targets}
+        record = topology_record(engine, kind, swapped, self.run.mask_history)  # collective (ITOP count)
+        per_layer = record["layer_density"]
         log.info(
-            "step %d %s: density %.4f (layers %.3f..%.3f), %d weights moved",
+            "step %d %s: density %.4f (layers %.3f..%.3f), %d moved, mask changed %.1f%%, ever active %.1f%%",
             engine.step,
             kind,
-            engine.masks.density(engine.targets),
+            record["density"],
             min(per_layer.values()),
             max(per_layer.values()),
             sum(swapped.values()),
+            100 * record["mask_change"],
+            100 * record["itop_rate"],
         )
-        self.run.metrics.write(
-            event=kind,
-            step=engine.step,
-            density=engine.masks.density(engine.targets),
-            layer_density=per_layer,
-            moved=swapped,
-        )
+        self.run.metrics.write(**record)
 
 
 class Run:
@@ -137,6 +138,18 @@ class Run:
             "layer densities: %s",
             ", ".join(f"{t.name}={counts[t.name] / t.numel:.3f}" for t in self.engine.targets),
         )
+        self.mask_history = MaskHistory(self.engine)  # ever-active masks: in-time over-parameterisation
+        self.metrics.start_trackers(
+            self.accelerator, c.train.report_to, self.run_dir, c.experiment.name, config_to_dict(c)
+        )
+        self.metrics.write(
+            event="masks",
+            label="init",
+            step=0,
+            density=self.engine.masks.density(self.engine.targets),
+            layer_density=layer_densities(self.engine),
+        )
+        self.metrics.write(**schedule_record(self.engine))
 
     # ---- evaluation, BN, snapshots ------------------------------------------------------------
     @property
@@ -231,7 +244,7 @@ class Run:
         last_step = min(plan.total_steps, c.train.max_steps or plan.total_steps)
         bar = tqdm(
             total=last_step,
-            disable=not (self.is_main and c.train.progress_bar),
+            disable=not progress_enabled(),  # rank 0, train.progress_bar, stdout a terminal
             unit="step",
             dynamic_ncols=True,
         )
@@ -401,6 +414,14 @@ class Run:
                 self.run_dir / "final" / "model_and_masks.pt", state, full_masks, {"label": label, **final}
             )
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.write(
+            event="masks",
+            label="final",
+            step=engine.step,
+            density=final["density"],
+            layer_density=layer_densities(engine),
+        )
+        self.metrics.close()
         return summary
 
 

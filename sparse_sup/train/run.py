@@ -26,7 +26,9 @@ def run_training(
     from accelerate.utils import InitProcessGroupKwargs
 
     from .loop import Run, summary_table
+    from .progress import configure as configure_progress
     from .setup import prepare
+    from .tracking import resolve_report_to
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
     cpu = not torch.cuda.is_available()
@@ -46,6 +48,7 @@ def run_training(
         )
     try:
         prepared = prepare(config)
+        resolve_report_to(config.train.report_to)  # a tracker that is not installed stops here
         from ..backends.deepspeed_config import fill_deepspeed_config
 
         if deepspeed_config:
@@ -58,10 +61,14 @@ def run_training(
     except (ValueError, FileNotFoundError, KeyError) as e:
         report_error(str(e))
         return _exit(accelerator, 2)
+    configure_progress(config.train.progress_bar and accelerator.is_main_process)
     run = Run(prepared, accelerator)
     run.start()
     summary = run.train()
     if accelerator.is_main_process:
+        from ..report import write_run_report
+
+        write_run_report(prepared.run_dir, command=sys.argv)  # plots + report.md; logs its own failure
         plan = summary["plan"]
         report(
             f"\nSup-tickets on {config.model.name}, {config.sparse.method}, density {config.sparse.density}, "
