@@ -76,7 +76,10 @@ def format_command(argv: list[str]) -> str:
     if not argv:
         return ""
     head = os.path.basename(argv[0])
-    words = ["python", argv[0]] if head.endswith(".py") else [head]
+    if head == "__main__.py":  # python -m sparse_sup
+        words = ["python", "-m", os.path.basename(os.path.dirname(argv[0]))]
+    else:
+        words = ["python", argv[0]] if head.endswith(".py") else [head]
     return shlex.join([*words, *argv[1:]])
 
 
