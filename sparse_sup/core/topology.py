@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .collectives import Collectives
-from .masks import MaskState, random_pieces
+from .masks import MaskState, random_pieces, zero_outside
 from .select import Piece, top_k_masks
 from .targets import Target
 
@@ -44,9 +44,8 @@ def _commit(
     ``reset`` positions (newly grown weights start at 0 with zero optimizer state)."""
     for t in targets:
         keep = new_masks[t.name] if reset is None else new_masks[t.name] & ~reset[t.name]
-        t.param.mul_(keep)
-        for s in t.optimizer_states():
-            s.mul_(keep)
+        states = t.optimizer_states()
+        zero_outside([t.param, *states], [keep] * (1 + len(states)))
         state.masks[t.name].copy_(new_masks[t.name])
     state.recount()
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..core.collectives import Collectives
+from ..core.masks import zero_outside
 from ..core.targets import Target
 from ..core.topology import global_magnitude_masks
 
@@ -57,8 +58,7 @@ class SuperpositionChain:
         """Keep exactly ``keep`` target weights of S by global magnitude (ties: lowest index)."""
         values = [self.tensors[t.name] for t in targets]
         self.masks = global_magnitude_masks(targets, values, keep, collectives)
-        for t, v in zip(targets, values):
-            v.mul_(self.masks[t.name])
+        zero_outside(values, [self.masks[t.name] for t in targets])
 
     def swap(self, model_tensors: Mapping[str, torch.Tensor]) -> None:
         """Exchange contents with the model in place (data pointers stay put on both sides)."""
