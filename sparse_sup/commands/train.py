@@ -33,12 +33,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DeepSpeed JSON (ZeRO stages: see README)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="continue a run: 'auto' = newest complete checkpoint of experiment.output_dir (a fresh "
+        "start if there is none), or a run directory / checkpoint directory",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import config_to_dict, load_config
 
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    if args.resume and args.resume != "auto" and not args.config:
+        from ..train.resume import run_dir_of
+
+        saved = run_dir_of(args.resume, None) / "config.yaml"  # the run's own config
+        config_path = saved if saved.is_file() else config_path
     try:
         config = load_config(config_path, args.overrides)
     except ValueError as e:
@@ -57,4 +69,4 @@ def run(args: argparse.Namespace) -> int:
     def report_error(text: str) -> None:
         print(f"error: {text}", file=sys.stderr, flush=True)
 
-    return run_training(config, report, report_error, deepspeed_config=args.deepspeed)
+    return run_training(config, report, report_error, deepspeed_config=args.deepspeed, resume=args.resume)

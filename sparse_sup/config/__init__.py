@@ -3,6 +3,7 @@
 from .loader import build_config, config_to_dict, load_config, parse_override
 from .plan import StepPlan, resolve_plan
 from .schema import (
+    CheckpointConfig,
     Config,
     DataConfig,
     ExperimentConfig,
@@ -15,6 +16,7 @@ from .schema import (
 )
 
 __all__ = [
+    "CheckpointConfig",
     "Config",
     "DataConfig",
     "ExperimentConfig",

@@ -267,6 +267,22 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int | None = 1000  # run checkpoint every N optimizer steps (null: only at cycle ends)
+    at_cycle_ends: bool = True  # also after every ticket and superposition
+    keep_last: int = 2  # older run checkpoints are deleted once a newer one is published
+
+    def __post_init__(self) -> None:
+        _check(
+            self.every_steps is None or self.every_steps >= 1,
+            "checkpoint.every_steps",
+            self.every_steps,
+            "null or an integer >= 1 (optimizer steps)",
+        )
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -276,3 +292,4 @@ class Config:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

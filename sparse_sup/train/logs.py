@@ -104,3 +104,18 @@ def tracker_scalars(record: dict) -> dict[str, float]:
         if "density" in record:
             out["density/overall"] = record["density"]
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (a resumed run replays them), so metrics.jsonl continues
+    instead of restarting or holding the replayed steps twice."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

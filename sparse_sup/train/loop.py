@@ -6,29 +6,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from ..backends import LocalBackend
+from ..backends import StepOptions, build_backend
 from ..backends.buffers import sync_buffers
-from ..backends.collectives import data_parallel_collectives
-from ..backends.detect import accelerate_shards_model, detect_parallelism
-from ..backends.fsdp2 import FSDP2Backend, fsdp2_shard_model
-from ..checkpoint import export_safetensors, save_model_snapshot
+from ..checkpoint import export_safetensors
+from ..checkpoint.run_state import load_run_checkpoint, save_run_checkpoint
+from ..checkpoint.tickets import save_model_checkpoint
 from ..config import config_to_dict
 from ..data import GlobalBatchSampler, make_loader
 from ..engine import EngineHooks, SupTicketsEngine
 from ..tickets import recalibrate_batchnorm
 from .evaluate import evaluate, recalibration_batches
-from .logs import MetricsWriter, setup_logging
-from .optim import build_optimizer
+from .logs import MetricsWriter, setup_logging, truncate_metrics
 from .progress import progress_enabled
 from .setup import Prepared
 from .tracking import MaskHistory, layer_densities, schedule_record, topology_record
+from .wrap import wrap_model
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +42,11 @@ class LoopHooks(EngineHooks):
         self.run.metrics.write(
             event="masks", label="P", step=engine.step, layer_density=layer_densities(engine)
         )
-        self.run.record("P", engine)
+        tickets = engine.plan.num_cycles > 0
+        self.run.record("P", engine, snapshot="P" if tickets else None)  # S_0 for a later merge
 
     def on_ticket(self, engine: SupTicketsEngine, index: int) -> None:
-        self.run.record(f"T_{index + 1}", engine, snapshot=f"ticket_{index + 1}.pt")
+        self.run.record(f"T_{index + 1}", engine, snapshot=f"T_{index + 1}")
 
     def recalibrate_bn(self, engine: SupTicketsEngine) -> None:
         self.run.recalibrate_bn(counter=engine.num_tickets)  # S_i: pass i draws augmentations of its own
@@ -56,12 +56,12 @@ class LoopHooks(EngineHooks):
             self.run.record(
                 f"S_{index + 1}",
                 engine,
-                snapshot=f"superposed_{index + 1}.pt",
+                snapshot=f"S_{index + 1}",
                 masks=engine.chain.masks,
                 density=engine.chain_density(),
             )
         else:  # re-prune deferred to the end: S_i is the union of the tickets' supports
-            self.run.record(f"S_{index + 1}", engine, snapshot=f"superposed_{index + 1}.pt")
+            self.run.record(f"S_{index + 1}", engine, snapshot=f"S_{index + 1}", masks={})
 
     def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
         record = topology_record(engine, kind, swapped, self.run.mask_history)  # collective (ITOP count)
@@ -88,50 +88,30 @@ class Run:
         self.is_main = accelerator.is_main_process
         self.run_dir = prepared.run_dir
         self.results: dict[str, dict] = {}
-        self.dp = data_parallel_collectives()
+        self.skipped = 0  # optimizer steps skipped (overflow, non-finite gradients)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if self.is_main else None)
 
     # ---- set-up ---------------------------------------------------------------------------
     def start(self) -> None:
         c = self.config
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # a resumed run keeps its config.yaml
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
         setup_logging(self.accelerator.process_index, self.run_dir / "train.log")
         log.info("run directory: %s", self.run_dir)
         log.info("plan: %s", self.p.plan.describe())
-        self.parallelism = detect_parallelism(self.accelerator, self.p.deepspeed_config is not None)
-        log.info("parallelism: %s over %d process(es)", self.parallelism, self.accelerator.num_processes)
-        model = self.p.model
-        if self.p.deepspeed_config is not None:  # the deepspeed launcher: DeepSpeed wraps the model
-            import deepspeed
-
-            self.model, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=build_optimizer(model, c.optim), config=self.p.deepspeed_config
-            )
-        elif self.parallelism == "fsdp2" and not accelerate_shards_model(self.accelerator):
-            fsdp2_shard_model(model)  # Accelerate ignores its FSDP plugin on CPU: shard here
-            self.model, self.optimizer = model, self.accelerator.prepare(build_optimizer(model, c.optim))
-        else:
-            if c.train.compile:
-                model = torch.compile(model)
-            self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, c.optim))
-        self.module = (
-            getattr(self.model, "module", self.model)
-            if self.parallelism == "deepspeed"
-            else (self.accelerator.unwrap_model(self.model))
+        self.model, self.optimizer = wrap_model(self.p, self.accelerator)
+        options = StepOptions(
+            max_grad_norm=c.optim.max_grad_norm,
+            skip_nonfinite=c.train.skip_nonfinite,
+            backward=self.accelerator.backward,
+            scaler=self.accelerator.scaler,
         )
-        if self.parallelism == "deepspeed":
-            from ..backends.deepspeed import DeepSpeedBackend
-
-            self.backend = DeepSpeedBackend(self.model, self.p.target_names)
-        elif self.parallelism == "fsdp2":
-            self.backend = FSDP2Backend(self.model, self.optimizer, self.p.target_names)
-        else:
-            self.backend = LocalBackend(self.model, self.optimizer, self.p.target_names, self.dp)
+        self.backend = build_backend(self.model, self.optimizer, self.p.target_names, options)
+        self.module = self.backend.module
+        self.device = next(self.module.parameters()).device
+        log.info("parallelism: %s over %d process(es)", self.backend.kind, self.accelerator.num_processes)
         self.engine = SupTicketsEngine.from_config(c, self.p.plan, self.backend, LoopHooks(self))
-        if self.parallelism == "deepspeed":
-            self.backend.wrap_optimizer_step(self.engine)  # the real step may run inside backward()
         self.engine.init_masks()
         counts = self.engine.masks.counts
         log.info(
@@ -139,9 +119,15 @@ class Run:
             ", ".join(f"{t.name}={counts[t.name] / t.numel:.3f}" for t in self.engine.targets),
         )
         self.mask_history = MaskHistory(self.engine)  # ever-active masks: in-time over-parameterisation
+        if self.p.resume_from is not None:
+            self.resume(self.p.resume_from)
+        elif self.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", 0)  # --resume auto before any checkpoint
         self.metrics.start_trackers(
             self.accelerator, c.train.report_to, self.run_dir, c.experiment.name, config_to_dict(c)
         )
+        if self.engine.step > 0:
+            return
         self.metrics.write(
             event="masks",
             label="init",
@@ -151,28 +137,58 @@ class Run:
         )
         self.metrics.write(**schedule_record(self.engine))
 
+    # ---- run checkpoints -----------------------------------------------------------------------
+    def checkpoint_due(self) -> bool:
+        ck, step, engine = self.config.checkpoint, self.engine.step, self.engine
+        periodic = ck.every_steps is not None and step % ck.every_steps == 0
+        event = step == self.p.plan.pre_steps or engine.phases.cycle_end(step) is not None
+        return periodic or (ck.at_cycle_ends and event)
+
+    def save_checkpoint(self) -> None:
+        """Collective: model + optimizer (the engine's format) and this rank's sparse state."""
+        state = {
+            "engine": self.engine.state_dict(),
+            "mask_history": self.mask_history.state_dict(),
+            "loop": {"results": self.results, "skipped": self.skipped},
+            "rng": torch.get_rng_state(),
+        }
+        path = save_run_checkpoint(
+            self.run_dir, self.engine.step, self.backend, state, self.config.checkpoint.keep_last
+        )
+        log.info("checkpoint written: %s", path)
+        self.metrics.write(event="checkpoint", step=self.engine.step, path=str(path))
+
+    def resume(self, path: Path) -> None:
+        """Continue exactly where the checkpoint left off (same world size)."""
+        state = load_run_checkpoint(path, self.backend)
+        self.engine.rebind()  # the engine's own load may have replaced tensors (DeepSpeed)
+        self.engine.load_state_dict(state["engine"])
+        self.backend.refresh_model_weights()
+        self.mask_history.load_state_dict(state["mask_history"])
+        self.results, self.skipped = state["loop"]["results"], state["loop"]["skipped"]
+        torch.set_rng_state(state["rng"])
+        if self.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.engine.step)
+        log.info("resumed from %s at step %d", path, self.engine.step)
+
     # ---- evaluation, BN, snapshots ------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
-    @property
-    def lockstep(self) -> bool:
-        """FSDP2 forwards are collective: every rank must run the same number of them."""
-        zero3 = self.parallelism == "deepspeed" and self.backend.stage == 3
-        return self.parallelism == "fsdp2" or zero3
-
     def evaluate(self) -> dict[str, float]:
         d = self.config.data
-        sync_buffers(self.module, self.dp)  # BN buffers identical on every rank before evaluating
+        sync_buffers(
+            self.module, self.backend.data_parallel
+        )  # BN buffers identical on every rank before evaluating
         return evaluate(
             self.module,
             self.p.eval_set,
             d.eval_batch_size,
-            self.dp,
-            self.accelerator.device,
+            self.backend.data_parallel,
+            self.device,
             d.num_workers,
-            lockstep=self.lockstep,
+            lockstep=self.backend.lockstep,
         )
 
     def recalibrate_bn(self, counter: int = 0) -> None:
@@ -182,13 +198,13 @@ class Run:
             d.eval_batch_size,
             t.bn_recal_batches,
             self.config.experiment.seed,
-            self.dp,
-            self.accelerator.device,
+            self.backend.data_parallel,
+            self.device,
             self.dtype,
-            lockstep=self.lockstep,
+            lockstep=self.backend.lockstep,
             counter=counter,
         )
-        recalibrate_batchnorm(self.module, batches, self.dp)
+        recalibrate_batchnorm(self.module, batches, self.backend.data_parallel)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """Whole tensors (collective under FSDP2: every rank must call it)."""
@@ -217,15 +233,23 @@ class Run:
         )
         self.metrics.write(event="eval", label=label, **result)
         if snapshot and self.config.train.save_tickets:
-            state = self.model_state()
-            full_masks = self.backend.full_masks(masks if masks is not None else engine.masks.masks)
-            if self.is_main:
-                save_model_snapshot(
-                    self.run_dir / "tickets" / snapshot,
-                    state,
-                    full_masks,
-                    {"label": label, "step": engine.step, **result},
-                )
+            masks = engine.masks.masks if masks is None else masks
+            meta = {"label": label, "step": engine.step, "world_size": self.accelerator.num_processes}
+            meta.update(result)
+            path = self.run_dir / "tickets" / snapshot
+            save_model_checkpoint(path, self.backend, masks, {**meta, **self.model_meta()}, replace=True)
+
+    def model_meta(self) -> dict:
+        """What a checkpoint reader needs to rebuild the model and check that tickets belong together."""
+        c = self.config
+        return {
+            "model": c.model.name,
+            "num_classes": c.model.num_classes,
+            "cifar_stem": c.model.cifar_stem,
+            "model_kwargs": c.model.kwargs,
+            "target_density": c.sparse.density,
+            "targets": self.p.target_names,
+        }
 
     # ---- training ------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -248,7 +272,8 @@ class Run:
             unit="step",
             dynamic_ncols=True,
         )
-        window_loss, window_n, window_start, skipped = 0.0, 0, time.perf_counter(), 0
+        window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+        bar.update(engine.step)
         self.model.train()
         while engine.step < last_step:
             epoch, offset = divmod(engine.step, plan.steps_per_epoch)
@@ -257,7 +282,7 @@ class Run:
             for _ in range(offset, plan.steps_per_epoch):
                 loss = self._optimizer_step(micro, accum)
                 if loss is None:
-                    skipped += 1
+                    self.skipped += 1
                     continue
                 window_loss, window_n = window_loss + loss, window_n + 1
                 bar.update(1)
@@ -279,7 +304,7 @@ class Run:
                         engine.lr(engine.step - 1),
                         engine.masks.density(engine.targets),
                         rate,
-                        f" | {skipped} skipped" if skipped else "",
+                        f" | {self.skipped} skipped" if self.skipped else "",
                     )
                     self.metrics.write(
                         event="train",
@@ -300,74 +325,31 @@ class Run:
                     r = self.evaluate()
                     log.info("eval at step %d: accuracy %.2f%%", engine.step, 100 * r["accuracy"])
                     self.metrics.write(event="eval", label=f"step_{engine.step}", step=engine.step, **r)
+                if self.checkpoint_due():
+                    self.save_checkpoint()
                 if engine.step >= last_step:
                     break
         bar.close()
-        return self.finish(skipped)
-
-    def _deepspeed_step(self, micro, accum: int) -> float | None:
-        """DeepSpeed runs the sparse engine inside its own optimizer step (see DeepSpeedBackend);
-        with Accelerate's plugin that step happens inside ``accelerator.backward``."""
-        ds, total = self.model, 0.0
-        for _ in range(accum):
-            images, labels = next(micro)
-            images, labels = images.to(ds.device), labels.to(ds.device)
-            loss = F.cross_entropy(
-                ds(images).float(), labels, label_smoothing=self.config.optim.label_smoothing
-            )
-            if self.p.deepspeed_config is not None:
-                ds.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
-                ds.step()
-            else:
-                self.accelerator.backward(loss)
-            total += loss.item() / accum
-        if not ds.was_step_applied():
-            log.warning("DeepSpeed skipped the optimizer step (overflow); no schedule advanced")
-            return None
-        return total
+        return self.finish(self.skipped)
 
     def _optimizer_step(self, micro, accum: int) -> float | None:
-        """One real optimizer step over ``accum`` micro-batches; None if it was skipped."""
-        if self.parallelism == "deepspeed":
-            return self._deepspeed_step(micro, accum)
-        c, acc, engine = self.config, self.accelerator, self.engine
-        for g in self.optimizer.param_groups:
-            g["lr"] = engine.lr()
-        total = 0.0
+        """One real optimizer step over ``accum`` micro-batches, for every engine: the backend says
+        how gradients synchronise and where the step happens; None if the step was skipped."""
+        backend, smoothing = self.backend, self.config.optim.label_smoothing
+        total = torch.zeros((), dtype=torch.float64)
         for a in range(accum):
             images, labels = next(micro)
-            images, labels = images.to(acc.device), labels.to(acc.device)
-            sync = a == accum - 1
-            if self.parallelism == "fsdp2":
-                self.model.set_requires_gradient_sync(sync)
-            no_sync = not sync and self.parallelism == "ddp"
-            with acc.no_sync(self.model) if no_sync else nullcontext():
-                with acc.autocast():
-                    logits = self.model(images)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=c.optim.label_smoothing)
-                acc.backward(loss / accum)
-            total += loss.item() / accum
-        if acc.scaler is not None:
-            acc.unscale_gradients(self.optimizer)
-        engine.before_optimizer_step()
-        finite = True
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if c.optim.max_grad_norm:
-            norm = acc.clip_grad_norm_(params, c.optim.max_grad_norm)
-            finite = bool(torch.isfinite(torch.as_tensor(norm)))
-        elif c.train.skip_nonfinite:
-            norms = torch._foreach_norm([p.grad for p in params])
-            finite = bool(torch.isfinite(torch.stack(norms)).all())
-        step_skipped = not finite and c.train.skip_nonfinite
-        if not step_skipped:
-            self.optimizer.step()
-            step_skipped = acc.optimizer_step_was_skipped
-        engine.after_optimizer_step(skipped=step_skipped)
-        self.optimizer.zero_grad(set_to_none=True)
-        if step_skipped:
-            log.warning("optimizer step skipped (non-finite gradients); no schedule advanced")
+            images, labels = images.to(self.device), labels.to(self.device)
+            with backend.gradient_sync(a == accum - 1):
+                with self.accelerator.autocast():
+                    logits = backend.model(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+                backend.backward(loss, accum)
+            total += loss.detach().double() / accum
+        if not backend.optimizer_step():
+            log.warning("optimizer step skipped (non-finite gradients or overflow); no schedule advanced")
             return None
-        return total
+        return float(total)
 
     # ---- the end -------------------------------------------------------------------------------
     def finish(self, skipped: int) -> dict:
@@ -398,21 +380,16 @@ class Run:
             "method": self.config.sparse.method,
             "density": self.config.sparse.density,
             "world_size": self.accelerator.num_processes,
-            "parallelism": self.parallelism,
+            "parallelism": self.backend.kind,
         }
-        state = self.model_state()
-        full_masks = self.backend.full_masks(engine.masks.masks)
+        meta = {"label": label, "world_size": self.accelerator.num_processes, **final, **self.model_meta()}
+        save_model_checkpoint(
+            self.run_dir / "final" / "sharded", self.backend, engine.masks.masks, meta, True
+        )
+        state = self.model_state()  # whole tensors (collective): the export plain timm loads
         if self.is_main:
-            meta = {
-                "model": self.config.model.name,
-                "num_classes": self.config.model.num_classes,
-                "cifar_stem": self.config.model.cifar_stem,
-                "density": final["density"],
-            }
-            export_safetensors(self.run_dir / "final" / "model.safetensors", state, meta)
-            save_model_snapshot(
-                self.run_dir / "final" / "model_and_masks.pt", state, full_masks, {"label": label, **final}
-            )
+            export = {k: meta[k] for k in ("model", "num_classes", "cifar_stem", "density", "label")}
+            export_safetensors(self.run_dir / "final" / "model.safetensors", state, export)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.write(
             event="masks",

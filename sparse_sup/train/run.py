@@ -20,8 +20,10 @@ def run_training(
     report: Callable[[str], None],
     report_error: Callable[[str], None],
     deepspeed_config: str | None = None,
+    resume: str | None = None,
 ) -> int:
-    """Returns the exit code. ``deepspeed_config``: the JSON given to the ``deepspeed`` launcher."""
+    """Returns the exit code. ``deepspeed_config``: the JSON given to the ``deepspeed`` launcher;
+    ``resume``: ``auto`` or a run/checkpoint path to continue from."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -47,7 +49,7 @@ def run_training(
             kwargs_handlers=handlers,
         )
     try:
-        prepared = prepare(config)
+        prepared = prepare(config, resume)
         resolve_report_to(config.train.report_to)  # a tracker that is not installed stops here
         from ..backends.deepspeed_config import fill_deepspeed_config
 

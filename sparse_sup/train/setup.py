@@ -10,15 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, StepPlan, resolve_plan
-from ..data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageClassificationDataset,
-    load_split_datasets,
-)
+from ..config import Config, ConfigError, StepPlan, resolve_plan
+from ..data import ImageClassificationDataset, dataset_normalization, load_split_datasets
 from ..models import build_model, select_targets
 
 log = logging.getLogger(__name__)
@@ -38,6 +31,7 @@ class Prepared:
     run_dir: Path
     class_names: list[str]
     deepspeed_config: dict | None = None  # filled JSON when launched by the deepspeed launcher
+    resume_from: Path | None = None  # run checkpoint to continue from (--resume)
 
 
 def default_run_dir(config: Config) -> Path:
@@ -49,19 +43,26 @@ def default_run_dir(config: Config) -> Path:
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse to write into a directory that already holds a run (unless told to)."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"experiment.output_dir={str(run_dir)!r} exists and is not a directory")
+        raise ConfigError(f"experiment.output_dir={str(run_dir)!r} exists and is not a directory")
     if (run_dir / "config.yaml").exists() and not overwrite:
-        raise ValueError(
+        raise ConfigError(
             f"experiment.output_dir={str(run_dir)!r} already holds a run; choose another directory "
             "or pass --experiment.overwrite=true"
         )
 
 
-def prepare(config: Config) -> Prepared:
+def prepare(config: Config, resume: str | None = None) -> Prepared:
     """Model, data and step plan; raises ValueError/FileNotFoundError with a clear message on bad
-    input, before anything is written."""
-    run_dir = default_run_dir(config)
-    check_run_dir(run_dir, config.experiment.overwrite)
+    input, before anything is written. ``resume``: ``auto`` or a checkpoint/run path (``--resume``)."""
+    resume_from = None
+    if resume:
+        from .resume import resolve_resume, run_dir_of
+
+        resume_from = resolve_resume(resume, config)  # the run directory may exist: it is continued
+        run_dir = run_dir_of(resume, config)
+    else:
+        run_dir = default_run_dir(config)
+        check_run_dir(run_dir, config.experiment.overwrite)
     d = config.data
     splits = load_split_datasets(d.source, d.image_column, d.label_column, d.train_split, d.eval_split)
     train_hf, eval_hf = splits.train, splits.eval
@@ -71,7 +72,7 @@ def prepare(config: Config) -> Prepared:
         eval_hf = eval_hf.select(range(min(d.max_eval_samples, len(eval_hf))))
     num_classes = config.model.num_classes or splits.num_classes
     if num_classes < splits.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"model.num_classes={num_classes} is smaller than the dataset's {splits.num_classes} classes"
         )
     torch.manual_seed(config.experiment.seed)  # model init
@@ -84,8 +85,12 @@ def prepare(config: Config) -> Prepared:
     )
     target_names = select_targets(model, config.sparse.include, config.sparse.exclude or None)
     if not target_names:
-        raise ValueError("no parameter is sparsified: check sparse.include / sparse.exclude")
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if d.style == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
+        raise ConfigError("no parameter is sparsified: check sparse.include / sparse.exclude")
+    if d.mean is not None:
+        mean, std = tuple(d.mean), tuple(d.std)
+    else:
+        which, mean, std = dataset_normalization(d.source, d.style)
+        log.info("normalisation of %s: mean %s, std %s (set data.mean/data.std to change)", which, mean, std)
     common = dict(seed=config.experiment.seed, style=d.style, image_size=d.image_size, mean=mean, std=std)
     train_set = ImageClassificationDataset(train_hf, train=True, **common)
     eval_set = ImageClassificationDataset(eval_hf, train=False, **common)
@@ -100,5 +105,14 @@ def prepare(config: Config) -> Prepared:
         bn_set = ImageClassificationDataset(train_hf, train=False, **common)
     plan = resolve_plan(config, len(train_set))
     return Prepared(
-        config, model, target_names, train_set, eval_set, bn_set, plan, run_dir, splits.class_names
+        config,
+        model,
+        target_names,
+        train_set,
+        eval_set,
+        bn_set,
+        plan,
+        run_dir,
+        splits.class_names,
+        resume_from=resume_from,
     )

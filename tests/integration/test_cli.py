@@ -85,7 +85,8 @@ def test_train_py_end_to_end(tmp_path):
     for label in ("P", "T_2", "S_2"):
         assert results[label]["accuracy"] > 0.12, results  # chance is 0.10
     assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
-    assert (run_dir / "tickets" / "ticket_1.pt").exists() and (run_dir / "tickets" / "ticket_2.pt").exists()
+    for name in ("P", "T_1", "S_1", "T_2", "S_2"):  # sharded checkpoints, each with its manifest
+        assert (run_dir / "tickets" / name / "manifest.json").exists(), name
 
     # the exported final model loads into a plain timm model and is exactly at the final density
     import timm
@@ -100,5 +101,7 @@ def test_train_py_end_to_end(tmp_path):
     total = sum(params[n].numel() for n in names)
     kept = sum(int((params[n] != 0).sum()) for n in names)
     assert kept <= math.floor(0.1 * total)
-    masks = torch.load(run_dir / "final" / "model_and_masks.pt", weights_only=True)["masks"]
+    from sparse_sup.checkpoint import load_sharded
+
+    masks = {n: load_sharded(run_dir / "final" / "sharded", {n: (0, params[n].numel())})[n][1] for n in names}
     assert sum(int(m.sum()) for m in masks.values()) == math.floor(0.1 * total)

@@ -1,0 +1,161 @@
+"""Run checkpoints: everything a run needs to continue exactly where it stopped.
+
+Layout of ``RUN_DIR/checkpoints/step_00001234/``::
+
+    engine/              model + optimizer in the engine's own sharded format (DCP, or DeepSpeed's)
+    sparse_sup/rankNNNNN.pt   this rank's sparse state: engine (masks, chain, counters), loop, RNG
+    manifest.json        step, world size and the SHA-256 of every file above
+
+A checkpoint is written under a temporary name and published by an atomic rename after every rank
+finished; a directory without a valid manifest, or with a file that does not match it, is never
+loaded (``latest_checkpoint`` falls back to the previous one and says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .files import _atomic_write_bytes, atomic_torch_save, load_verified
+from .sharded import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+
+def _dist() -> tuple[int, int, bool]:
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size(), True) if on else (0, 1, False)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _dist()[2]:
+        dist.barrier()
+
+
+def _broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every rank (so all ranks load the same checkpoint)."""
+    import torch.distributed as dist
+
+    if not _dist()[2]:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    return int(name[len(PREFIX) :]) if name.startswith(PREFIX) and name[len(PREFIX) :].isdigit() else None
+
+
+def save_run_checkpoint(run_dir: Path, step: int, backend, sparse_state: dict, keep: int) -> Path:
+    """Collective. ``sparse_state``: this rank's picklable state (tensors, dicts, numbers)."""
+    rank, world, _ = _dist()
+    root = Path(run_dir) / CHECKPOINTS
+    final, tmp = root / f"{PREFIX}{step:08d}", root / f".tmp_{PREFIX}{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+        tmp.mkdir(parents=True)
+    _barrier()
+    backend.save_training_state(tmp / "engine")
+    atomic_torch_save(sparse_state, tmp / "sparse_sup" / f"rank{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format": 1,
+            "step": step,
+            "world_size": world,
+            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+        }
+        _atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        if final.exists():  # a replay after a crash reached the same step again
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Published checkpoint directories of a run, newest first (not verified)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """What is wrong with a checkpoint directory (empty: complete and intact)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{path / MANIFEST}: missing or unreadable ({e.__class__.__name__})"]
+    problems = []
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif _sha256(file) != digest:
+            problems.append(f"{file}: corrupt or truncated (SHA-256 mismatch)")
+    return problems
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete, intact checkpoint (chosen by rank 0 for every rank)."""
+    chosen = None
+    if _dist()[0] == 0:
+        for path in list_checkpoints(run_dir):
+            problems = checkpoint_problems(path)
+            if not problems:
+                chosen = str(path)
+                break
+            log.warning("skipping checkpoint %s: %s; falling back to the previous one", path, problems[0])
+    chosen = _broadcast(chosen)
+    return None if chosen is None else Path(chosen)
+
+
+def read_checkpoint_manifest(path: Path) -> dict:
+    problems = checkpoint_problems(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {problems[0]}")
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def load_run_checkpoint(path: Path, backend) -> dict:
+    """Collective. Loads model and optimizer into ``backend`` in place; returns this rank's
+    sparse state. Raises ``CheckpointError`` for a corrupt checkpoint or another world size."""
+    rank, world, _ = _dist()
+    manifest = _broadcast(read_checkpoint_manifest(path) if rank == 0 else None)
+    if manifest["world_size"] != world:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {manifest['world_size']} processes and this job has {world}; "
+            f"resume with {manifest['world_size']} processes (tickets, not run checkpoints, can be read "
+            "at any world size: see 'sparse-sup merge')"
+        )
+    backend.load_training_state(Path(path) / "engine")
+    return load_verified(Path(path) / "sparse_sup" / f"rank{rank:05d}.pt")

@@ -1,0 +1,129 @@
+"""A run killed (SIGKILL) at any moment and resumed with ``--resume auto`` ends with the same masks,
+tickets, superposed models and weights as an uninterrupted run: bit-equal in fp32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_sup.checkpoint import load_sharded
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SNAPSHOTS = ("tickets/P", "tickets/T_1", "tickets/S_1", "tickets/T_2", "tickets/S_2", "final/sharded")
+# 48 steps: phase 1 = 36 (updates every 4), 2 cycles x 6; a checkpoint every 10 steps and at each cycle end
+ARGS = ["--config", "configs/tiny-test.yaml", "--checkpoint.every_steps=10", "--data.max_eval_samples=128"]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def _launch(nproc: int, script: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, *script]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *script,
+    ]
+
+
+def train(run_dir: Path, nproc: int = 1, extra: tuple = (), kill: tuple | None = None):
+    """``train.py`` (or the crash worker) on ``nproc`` processes: one, or DDP over gloo via torchrun."""
+    args = [*ARGS, f"--experiment.output_dir={run_dir}", *extra]
+    script = [str(HERE / "crash_worker.py"), *map(str, kill), "--"] if kill else [str(ROOT / "train.py")]
+    cmd = _launch(nproc, [*script, *args])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+
+
+def snapshot(run_dir: Path) -> dict:
+    out = {}
+    for name in SNAPSHOTS:
+        for tensor, (values, mask) in load_sharded(run_dir / name).items():
+            out[f"{name}:{tensor}"] = (values, mask)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"tensors": out, "results": summary["results"], "steps": summary["steps_completed"]}
+
+
+def assert_identical(got: dict, want: dict) -> None:
+    assert got["steps"] == want["steps"]
+    assert got["tensors"].keys() == want["tensors"].keys()
+    for key, (values, mask) in want["tensors"].items():
+        g_values, g_mask = got["tensors"][key]
+        assert torch.equal(g_values, values), key
+        assert (g_mask is None and mask is None) or torch.equal(g_mask, mask), key
+    assert got["results"] == want["results"]
+
+
+def kill_and_resume(run_dir: Path, kills: list[tuple[str, int]], nproc: int = 1, extra: tuple = ()) -> None:
+    """Start, then after each SIGKILL relaunch with ``--resume auto`` (killed again at the next
+    point, counted within that process), and finally let it finish."""
+    for i, kill in enumerate([*kills, None]):
+        resume = ("--resume", "auto") if i else ()
+        proc = train(run_dir, nproc, (*extra, *resume), kill)
+        if kill is None:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), proc.stderr[-3000:]
+        if i:
+            assert "resumed from" in proc.stderr, proc.stderr[-3000:]
+
+
+def check_metrics_continue(run_dir: Path) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["event"] == "train"]
+    assert train_steps == sorted(set(train_steps)), "metrics.jsonl must continue, not repeat steps"
+    assert train_steps[-1] == 48
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    """One process, killed four times: mid-step (step 13), mid-topology-update (step 20), while
+    writing the step-30 checkpoint, and during the first superposition (step 42); before the last
+    relaunch the newest checkpoint is corrupted, so resume must fall back to the one before."""
+    reference = tmp_path / "reference"
+    proc = train(reference)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    kill_and_resume(run_dir, [("step", 13), ("update", 3), ("checkpoint", 2), ("superposition", 1)])
+    assert_identical(snapshot(run_dir), snapshot(reference))
+    check_metrics_continue(run_dir)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, kill=("superposition", 1))  # killed at step 42: checkpoints 30 and 36 exist
+    assert proc.returncode != 0
+    newest = run_dir / "checkpoints" / "step_00000036" / "sparse_sup" / "rank00000.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    proc = train(run_dir, extra=("--resume", "auto", "--train.max_steps=40"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping checkpoint" in proc.stderr and "step_00000036" in proc.stderr
+    assert "resumed from" in proc.stderr and "step_00000030" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "nproc, extra, kills",
+    [
+        (2, (), [("update", 5), ("superposition", 2)]),  # DDP over gloo
+    ],
+)
+def test_killed_distributed_run_resumes_identical(tmp_path, nproc, extra, kills):
+    reference = tmp_path / "reference"
+    proc = train(reference, nproc, extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    kill_and_resume(run_dir, kills, nproc, extra)
+    assert_identical(snapshot(run_dir), snapshot(reference))
+    check_metrics_continue(run_dir)
