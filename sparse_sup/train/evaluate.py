@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..core.collectives import Collectives
 from ..data import EvalShardSampler, make_loader, mix32, recalibration_epoch
+from .progress import progress
 
 
 @torch.no_grad()
@@ -32,7 +33,8 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64)  # correct, summed loss, count
     dtype = next(model.parameters()).dtype
     last = None
-    for images, labels in make_loader(dataset, sampler, num_workers):
+    batches = make_loader(dataset, sampler, num_workers)
+    for images, labels in progress(batches, total=len(sampler), desc="evaluate", unit="batch"):
         images, labels = images.to(device, dtype), labels.to(device)
         logits = model(images).float()
         totals += torch.tensor(
@@ -82,7 +84,7 @@ def recalibration_batches(
     world, rank = collectives.world_size, collectives.rank
     mine = list(range(rank, total, world))
     rounds = -(-total // world) if lockstep else len(mine)
-    for i in range(rounds):
+    for i in progress(range(rounds), desc="BN recalibration", unit="batch"):
         j = mine[i] if i < len(mine) else 0
         keys = [(epoch, int(k)) for k in order[j * batch_size : (j + 1) * batch_size]]
         images = dataset.get_batch(keys)[0].to(device, dtype)
