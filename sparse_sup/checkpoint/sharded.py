@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..train.progress import progress
 from .files import _atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def _write_rank_file(file_path: Path, pieces: dict[str, LocalPiece], rank: int, 
             pos += len(view)
             return [pos - len(view), len(view)]
 
-        for name, piece in pieces.items():
+        for name, piece in progress(pieces.items(), total=len(pieces), desc="write checkpoint", unit="tensor"):
             if not isinstance(name, str) or not name:
                 raise CheckpointError(f"tensor names must be non-empty strings, got {name!r}")
             offset, values, mask = _local_run(name, piece, rank, world)
@@ -490,7 +491,7 @@ def load_sharded(
                 jobs.setdefault(i, []).append((name, e, dtype, lo, hi, lo - offset))
     for i in sorted(jobs):  # one verified file in memory at a time
         buffer = _read_verified(path, manifest["files"][i])
-        for name, e, dtype, lo, hi, dst in jobs[i]:
+        for name, e, dtype, lo, hi, dst in progress(jobs[i], desc=f"read {path.name}", unit="tensor"):
             _extract(buffer, e, dtype, lo, hi, dst, out[name])
         del buffer
     return out
