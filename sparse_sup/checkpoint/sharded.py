@@ -159,7 +159,7 @@ def _write_rank_file(file_path: Path, pieces: dict[str, LocalPiece], rank: int, 
             pos += len(view)
             return [pos - len(view), len(view)]
 
-        for name, piece in progress(pieces.items(), total=len(pieces), desc="write checkpoint", unit="tensor"):
+        for name, piece in progress(pieces.items(), total=len(pieces), desc="write", unit="tensor"):
             if not isinstance(name, str) or not name:
                 raise CheckpointError(f"tensor names must be non-empty strings, got {name!r}")
             offset, values, mask = _local_run(name, piece, rank, world)
