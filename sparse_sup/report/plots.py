@@ -91,9 +91,9 @@ def plot_lr(run: RunData, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
     _phases(ax, run)
     if schedule is not None:
-        ax.plot(
-            schedule["lr_steps"],
-            schedule["lr"],
+        ax.plot(  # the last step's LR held until the end of the run
+            [*schedule["lr_steps"], schedule["total_steps"]],
+            [*schedule["lr"], schedule["lr"][-1]],
             color="#333333",
             lw=1.3,
             drawstyle="steps-post",  # step s uses its LR over [s, s + 1)
