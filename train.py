@@ -5,4 +5,4 @@ import sys
 from sparse_sup.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(default="train"))  # python train.py --help lists the training options

@@ -62,10 +62,13 @@ def _route(argv: list[str], commands: dict) -> list[str]:
     return [DEFAULT_COMMAND, *launcher, *rest]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, default: str | None = None) -> int:
+    """``default``: the command that also gets a bare ``--help`` (``train.py`` passes ``train``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     modules = _command_modules()
     parser, subparsers = build_parser(modules)
+    if default is not None and not any(a in modules for a in argv[:1]):
+        argv = [default, *argv]
     args, rest = parser.parse_known_args(_route(argv, modules))
     module, subparser = modules[args.command], subparsers[args.command]
     if getattr(module, "ACCEPTS_OVERRIDES", False):

@@ -66,6 +66,16 @@ def test_each_command_help_lists_its_options(command, option, capsys):
     assert e.value.code == 0 and option in capsys.readouterr().out
 
 
+def test_bare_help_lists_commands_and_train_py_help_lists_training_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "inspect" in out and "plot" in out and "--print-config" not in out
+    with pytest.raises(SystemExit):
+        main(["--help"], default="train")  # what python train.py --help runs
+    assert "--print-config" in capsys.readouterr().out
+
+
 def test_bad_arguments_name_the_problem(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--config", TINY, "--bogus"])
