@@ -91,7 +91,9 @@ class DeepSpeedBackend:
             from deepspeed.utils import safe_get_local_optimizer_state
 
             inner = self.optimizer.optimizer
-            keys = next((list(s) for s in inner.state.values() if s), [])
+            # per-element states only: torch Adam's 0-dim "step" makes DeepSpeed's narrow() raise
+            first = next((s for s in inner.state.values() if s), {})
+            keys = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() >= 1]
             out = []
             for key in keys:
                 state = safe_get_local_optimizer_state(p, key)
@@ -145,6 +147,9 @@ class DeepSpeedBackend:
             for p in self.params.values():
                 _, master = self._fragment(p)
                 p.ds_tensor.view(-1)[: master.numel()].copy_(master)
+            # a parameter still gathered by an earlier forward (within ZeRO-3's reuse distance, e.g.
+            # an evaluation inside the step) would keep its stale full copy: release every one
+            self.ds_engine.empty_partition_cache()
         else:
             self.optimizer.update_lp_params()
 
