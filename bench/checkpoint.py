@@ -206,7 +206,10 @@ def rank_write(model_name: str, density: float, tmp: Path, world: int, rank: int
     for name, p in pieces.items():
         assert torch.equal(got[name][0], p.values.reshape(-1)), name
     keys = [k for k in res if k != "world"]
-    if on:  # max over ranks of every per-rank number
+    mine = res["torch_peak"] + res["numpy_peak"]
+    res["extra_by_rank"] = [mine] * world
+    if on:  # every rank's extra peak, then the max over ranks of every per-rank number
+        dist.all_gather_object(res["extra_by_rank"], mine)
         mine = torch.tensor([float(res[k]) for k in keys], dtype=torch.float64)
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
         res.update(zip(keys, mine.tolist()))
@@ -271,20 +274,21 @@ def tables(sizes: list[dict], writes: list[dict], model: str) -> str:
         )
     lines += [
         "",
-        f"Sharded ticket write at density {writes[0].get('density', sizes[0]['density'])}, per rank "
+        f"Sharded ticket write at density {sizes[0]['density']}, per rank "
         "(max over ranks); FSDP2-style row shards, replicated BN buffers:",
         "",
         "| world | local shard MB (values+masks) | largest local piece MB | file written MB "
-        "| extra peak torch MB | extra peak numpy/Python MB | extra peak / local shard | write s "
-        "| read own runs s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| extra peak torch MB | extra peak numpy/Python MB | extra peak / local shard "
+        "| extra peak by rank MB | write s | read own runs s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in writes:
         extra = w["torch_peak"] + w["numpy_peak"]
         lines.append(
             f"| {int(w['world'])} | {w['local_bytes'] / MB:.2f} | {w['largest_piece'] / MB:.2f} "
             f"| {w['file_bytes'] / MB:.2f} | {w['torch_peak'] / MB:.2f} | {w['numpy_peak'] / MB:.2f} "
-            f"| {extra / w['local_bytes']:.3f} | {w['write']:.3f} | {w['read']:.3f} |"
+            f"| {extra / w['local_bytes']:.3f} | {' / '.join(f'{b / MB:.2f}' for b in w['extra_by_rank'])} "
+            f"| {w['write']:.3f} | {w['read']:.3f} |"
         )
     lines += ["", "Method check (known temporaries, expected MB -> measured torch / numpy MB):"]
     for w in writes:

@@ -243,8 +243,9 @@ def _fsync_dir(path: Path) -> None:
 def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, group=None) -> None:
     """Collective over ``group`` (default group when torch.distributed is initialised, else one
     process): each rank writes one file with its pieces, rank 0 the manifest; published by an atomic
-    rename once every rank finished. An existing ``path`` is never overwritten. Issues two
-    ``broadcast_object_list`` and one ``all_gather_object`` (checksums and ranges, no tensors)."""
+    rename once every rank finished. An existing ``path`` is never overwritten. ``meta`` (JSON) is
+    taken from rank 0. Issues two ``broadcast_object_list`` and one ``gather_object`` (checksums
+    and ranges, no tensors); any rank's failure is raised on every rank, so none hangs."""
     path = Path(path)
     rank, world, on = _collective(group)
     plan: dict = {}
@@ -269,9 +270,9 @@ def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, gr
     except Exception as e:  # gathered and raised on every rank, so no rank hangs
         record = {"error": f"rank {rank}: {e}"}
     records = [record]
-    if on:
-        records = [None] * world
-        dist.all_gather_object(records, record, group=group)
+    if on:  # only rank 0 holds every rank's ranges (O(tensors x world) metadata)
+        records = [None] * world if rank == 0 else None
+        dist.gather_object(record, records, group=group, group_dst=0)
     outcome = "ok"
     if rank == 0:
         try:
@@ -289,8 +290,8 @@ def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, gr
             _fsync_dir(path.parent)
             size = sum(r["bytes"] for r in records)
             log.info("wrote sharded checkpoint %s (%d files, %.2f MB)", path, world, size / 1e6)
-        except (CheckpointError, OSError) as e:
-            outcome = str(e)
+        except Exception as e:  # every rank raises it after the broadcast; nothing is published
+            outcome = str(e) if isinstance(e, CheckpointError) else f"writing {path} failed: {e!r}"
             shutil.rmtree(tmp, ignore_errors=True)
     outcome = _broadcast(outcome, group, on)
     if outcome != "ok":

@@ -51,9 +51,14 @@ def read_as(world: int, ckpt: Path, split) -> None:
         assert worker.check(load_sharded(ckpt, wanted), data, wanted) == len(worker.SPEC)
 
 
-def test_write_at_2_read_at_1_and_3_write_at_3_read_at_2(tmp_path):
-    a, b = tmp_path / "by2", tmp_path / "by3"
-    report = torchrun(2, "write", str(a))
+@pytest.fixture(scope="module")
+def written_by_2(tmp_path_factory) -> tuple[Path, dict]:
+    a = tmp_path_factory.mktemp("sharded") / "by2"
+    return a, torchrun(2, "write", str(a))
+
+
+def test_write_at_2_read_whole_at_1(written_by_2):
+    a, report = written_by_2
     assert "already exists" in report["exists"] and str(a) in report["exists"]
     assert "'fc.bias'" in report["disagree"] and "same global tensor" in report["disagree"]
     assert not report["bad_published"] and report["leftovers"] == []
@@ -70,7 +75,11 @@ def test_write_at_2_read_at_1_and_3_write_at_3_read_at_2(tmp_path):
     whole = load_sharded(a)  # world 1
     wanted = {name: (0, math.prod(shape)) for name, (shape, *_) in worker.SPEC.items()}
     assert worker.check(whole, worker.truth(), wanted) == len(worker.SPEC)
+    read_as(3, a, worker.row_run)
 
+
+def test_read_at_3_write_at_3_read_at_2(written_by_2, tmp_path):
+    a, b = written_by_2[0], tmp_path / "by3"
     report = torchrun(3, "read", str(a), str(b))  # real 3-rank read of a, then a 3-rank write of b
     assert report["checked"] == 3 * 2 * len(worker.SPEC) and report["leftovers"] == []
     assert read_manifest(b)["world_size"] == 3 and verify_sharded(b) == []
