@@ -30,3 +30,5 @@ for engine in ddp fsdp2 deepspeed_zero2 deepspeed_zero3; do
     rate "$dir"
   done
 done
+# The HF Trainer's fsdp= option (FSDP2) has no CPU path: SupTicketsTrainer on 2 GPUs, as a test.
+python -m pytest -q -m gpu tests/integration/test_hf_trainer.py

@@ -1,0 +1,184 @@
+"""``SparsityArguments``: the sparse-training and ticket settings of a Hugging Face ``Trainer`` run,
+as a dataclass ``HfArgumentParser`` parses next to ``TrainingArguments``. Keys are the CLI's
+``sparse.*`` / ``tickets.*`` keys with ``_`` for ``.``; epoch-based ones become steps, because the
+Trainer's own step count (``max_steps``, or epochs x update steps per epoch) is the budget.
+
+No transformers import here: the dataclass and the plan are plain Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config.plan import StepPlan
+from ..config.schema import ScheduleConfig, SparseConfig, TicketsConfig
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class SparsityArguments:
+    """Dynamic sparse training (phase 1) and cheap tickets (phase 2) for ``SupTicketsTrainer``."""
+
+    # ---- phase 1: the DST method -------------------------------------------------------------
+    sparse_method: Literal["set", "rigl", "granet"] = field(
+        default="rigl", metadata=_help("set: random regrowth; rigl: regrowth by |gradient|; granet: + prune")
+    )
+    sparse_density: float = field(default=0.1, metadata=_help("fraction of target weights kept, in (0, 1]"))
+    sparse_distribution: Literal["erk", "uniform"] = field(
+        default="erk", metadata=_help("per-layer densities")
+    )
+    sparse_update_interval: int = field(
+        default=1000, metadata=_help("optimizer steps between topology updates (delta T)")
+    )
+    sparse_drop_fraction: float = field(default=0.5, metadata=_help("fraction of active weights re-chosen"))
+    sparse_drop_fraction_schedule: Literal["constant", "cosine"] = field(default="constant")
+    sparse_drop_fraction_final: float = field(default=0.005, metadata=_help("end of the cosine schedule"))
+    sparse_granet_initial_density: float = field(default=0.5, metadata=_help("granet: density at step 0"))
+    sparse_granet_prune_start_step: int = field(default=0, metadata=_help("granet: first pruning step"))
+    sparse_granet_prune_end_step: int | None = field(
+        default=None, metadata=_help("granet: last pruning step (default: the end of phase 1)")
+    )
+    sparse_include: list[str] | None = field(
+        default=None,
+        metadata=_help("glob patterns of parameter names to sparsify (default: every conv/linear weight)"),
+    )
+    sparse_exclude: list[str] | None = field(
+        default=None, metadata=_help("glob patterns of parameter names kept dense")
+    )
+    sparse_enforce_every_step: bool = field(
+        default=True, metadata=_help("re-zero masked weights and optimizer state after every step")
+    )
+    sparse_check_ranks: bool = field(default=False, metadata=_help("debug: compare masks across ranks"))
+    sparse_seed: int | None = field(
+        default=None, metadata=_help("seed of masks and random regrowth (default: TrainingArguments.seed)")
+    )
+    # ---- phase 2: cheap tickets ----------------------------------------------------------------
+    tickets_num_cycles: int = field(default=3, metadata=_help("number of tickets; 0: the plain DST method"))
+    tickets_cycle_steps: int | None = field(
+        default=None, metadata=_help("optimizer steps per cycle (or give tickets_cycles_fraction)")
+    )
+    tickets_cycles_fraction: float | None = field(
+        default=None, metadata=_help("fraction of the whole budget spent in cycles (default 0.1)")
+    )
+    tickets_lr_low: float = field(default=1e-3, metadata=_help("cycle LR at each cycle's start and end"))
+    tickets_lr_high: float = field(default=5e-3, metadata=_help("cycle LR at mid-cycle"))
+    tickets_reexplore_fraction: float = field(
+        default=0.5, metadata=_help("drop/regrow-by-gradient fraction at each cycle start; 0: off")
+    )
+    tickets_mask_in_cycles: Literal["frozen", "update"] = field(default="frozen")
+    tickets_merge: Literal["caa", "ema"] = field(default="caa")
+    tickets_ema_ticket_weight: float = field(
+        default=0.5, metadata=_help("merge=ema: S <- (1 - w) * S + w * T_i (w weights the new ticket)")
+    )
+    tickets_reprune: Literal["every", "end"] = field(default="every")
+    tickets_include_phase1_model: bool = field(default=True, metadata=_help("S_0 = P"))
+    tickets_bn_recalibration: bool = field(default=True, metadata=_help("recalibrate BatchNorm of each S_i"))
+    tickets_bn_recal_batches: int | None = field(
+        default=None, metadata=_help("batches of BN recalibration (default: one pass over the train set)")
+    )
+    tickets_bn_recal_batch_size: int | None = field(
+        default=None, metadata=_help("batch size of BN recalibration (default: per_device_eval_batch_size)")
+    )
+    tickets_save: bool = field(default=True, metadata=_help("write tickets and S_i under output_dir/tickets"))
+
+    def __post_init__(self) -> None:
+        self.sparse_config()  # validate now: a bad value stops the script before the Trainer starts
+        self.tickets_config()
+        if self.tickets_num_cycles and self.tickets_cycle_steps is not None and self.tickets_cycle_steps < 2:
+            raise ValueError(
+                f"tickets_cycle_steps={self.tickets_cycle_steps} is invalid: cycles need >= 2 optimizer steps"
+            )
+        for key in ("sparse_granet_prune_start_step", "sparse_granet_prune_end_step"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"{key}={value} is invalid: a number of optimizer steps >= 0")
+
+    @staticmethod
+    def _renamed(error: ValueError) -> ValueError:
+        """Config errors name CLI keys (``sparse.density``); here the argument is ``sparse_density``."""
+        return ValueError(str(error).replace("sparse.", "sparse_").replace("tickets.", "tickets_"))
+
+    def sparse_config(self) -> SparseConfig:
+        try:
+            return SparseConfig(
+                method=self.sparse_method,
+                density=self.sparse_density,
+                distribution=self.sparse_distribution,
+                update_interval=self.sparse_update_interval,
+                drop_fraction=self.sparse_drop_fraction,
+                drop_fraction_schedule=self.sparse_drop_fraction_schedule,
+                drop_fraction_final=self.sparse_drop_fraction_final,
+                granet_initial_density=self.sparse_granet_initial_density,
+                include=self.sparse_include,
+                exclude=list(self.sparse_exclude or []),
+                enforce_every_step=self.sparse_enforce_every_step,
+                check_ranks=self.sparse_check_ranks,
+            )
+        except ValueError as e:
+            raise self._renamed(e) from None
+
+    def tickets_config(self) -> TicketsConfig:
+        try:
+            return TicketsConfig(
+                num_cycles=self.tickets_num_cycles,
+                cycles_fraction=self.tickets_cycles_fraction,
+                lr_low=self.tickets_lr_low,
+                lr_high=self.tickets_lr_high,
+                reexplore_fraction=self.tickets_reexplore_fraction,
+                mask_in_cycles=self.tickets_mask_in_cycles,
+                merge=self.tickets_merge,
+                ema_ticket_weight=self.tickets_ema_ticket_weight,
+                reprune=self.tickets_reprune,
+                include_phase1_model=self.tickets_include_phase1_model,
+                bn_recalibration=self.tickets_bn_recalibration,
+                bn_recal_batches=self.tickets_bn_recal_batches,
+            )
+        except ValueError as e:
+            raise self._renamed(e) from None
+
+    @staticmethod
+    def schedule_config() -> ScheduleConfig:
+        """Phase 1's LR comes from the Trainer's scheduler; the engine's own phase-1 schedule is unused."""
+        return ScheduleConfig(lr_schedule="constant", lr_milestones=[])
+
+    def plan(self, total_steps: int, steps_per_epoch: int) -> StepPlan:
+        """The phase plan over the Trainer's ``total_steps`` optimizer steps (same rules as the CLI's
+        ``resolve_plan``). Raises ``ValueError`` naming the arguments when the budget is too small."""
+        n = self.tickets_num_cycles
+        if n == 0:
+            cycle_steps = 0
+        elif self.tickets_cycle_steps is not None:
+            cycle_steps = self.tickets_cycle_steps
+        else:
+            fraction = 0.1 if self.tickets_cycles_fraction is None else self.tickets_cycles_fraction
+            cycle_steps = round(fraction * total_steps / n)
+            if cycle_steps < 2:
+                raise ValueError(
+                    f"tickets_num_cycles={n} over {total_steps} training steps gives cycles of {cycle_steps} "
+                    "optimizer steps (need >= 2): raise tickets_cycles_fraction, set tickets_cycle_steps, "
+                    "use fewer cycles or train longer (max_steps / num_train_epochs)"
+                )
+        if n * cycle_steps >= total_steps:
+            raise ValueError(
+                f"tickets_num_cycles={n} x {cycle_steps} steps per cycle do not fit in the Trainer's "
+                f"{total_steps} optimizer steps: phase 1 would have no steps; use fewer or shorter cycles, "
+                "or train longer (max_steps / num_train_epochs)"
+            )
+        pre = total_steps - n * cycle_steps
+        end = (
+            pre if self.sparse_granet_prune_end_step is None else min(pre, self.sparse_granet_prune_end_step)
+        )
+        return StepPlan(
+            steps_per_epoch=max(1, steps_per_epoch),
+            total_steps=total_steps,
+            num_cycles=n,
+            cycle_steps=cycle_steps,
+            warmup_steps=0,
+            lr_milestones=(),
+            prune_start=min(self.sparse_granet_prune_start_step, end),
+            prune_end=end,
+        )
