@@ -8,11 +8,12 @@ Layout of a checkpoint directory ``path``::
                                 tensors) or all values, then a packed bit mask (np.packbits order)
 
 Every rank writes only its own run of each tensor (a contiguous range of the row-major flattened
-full tensor), so a write never gathers and its extra memory is one piece at a time. A reader at any
-world size asks for its own ranges and opens only the files that overlap them. The directory is
-written under a hidden temporary sibling name and published by one atomic rename after every rank
-finished, so a crash leaves either the previous state or a complete checkpoint, never a half one.
-``path`` must be on a filesystem every rank sees.
+full tensor), so a write never gathers a tensor and its extra memory is one piece's active values at
+a time (rank 0 also holds every file's ranges: O(tensors x world) metadata). A reader at any world
+size asks for its own ranges and opens only the files that overlap them. The directory is written
+under a hidden temporary sibling name (``.NAME.tmp-*``) and published by one atomic rename after
+every rank finished, so a crash leaves the previous state plus at most that hidden directory, never
+a half checkpoint. ``path`` must be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
