@@ -275,7 +275,7 @@ class SupTicketsEngine:
 
     # ---- tickets and superposition ------------------------------------------------------
     def _new_chain(self) -> SuperpositionChain:
-        return SuperpositionChain(self.tickets.merge, self.tickets.ema_decay)
+        return SuperpositionChain(self.tickets.merge, self.tickets.ema_ticket_weight)
 
     def _merge_into_chain(self) -> None:
         if self.chain is None:

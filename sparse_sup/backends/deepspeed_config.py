@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, ConfigError
 
 
 def _set(section: dict, key: str, value, where: str) -> None:
@@ -14,7 +14,7 @@ def _set(section: dict, key: str, value, where: str) -> None:
     if current == "auto":
         section[key] = value
     elif current != value:
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed config {where}{key}={current!r} contradicts the training config, which implies "
             f'{value!r}; set it to "auto" or change the training config'
         )
@@ -28,15 +28,15 @@ def fill_deepspeed_config(source: str | Path | dict, config: Config, world_size:
     else:
         path = Path(source)
         if not path.is_file():
-            raise ValueError(f"--deepspeed {str(path)!r}: no such file")
+            raise ConfigError(f"--deepspeed {str(path)!r}: no such file")
         try:
             ds = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"--deepspeed {str(path)!r} is not valid JSON: {e}") from e
+            raise ConfigError(f"--deepspeed {str(path)!r} is not valid JSON: {e}") from e
     s = config.schedule
     per_step = world_size * s.grad_accum_steps
     if s.batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"schedule.batch_size={s.batch_size} is not divisible by world size x schedule.grad_accum_steps "
             f"= {per_step}"
         )
@@ -49,7 +49,7 @@ def fill_deepspeed_config(source: str | Path | dict, config: Config, world_size:
         _set(section, "enabled", config.train.precision == precision, f"{precision}.")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed zero_optimization.stage={stage}: sparse_sup supports ZeRO stages 1, 2, 3"
         )
     ds["zero_allow_untested_optimizer"] = True  # the optimizer is a plain torch one

@@ -13,9 +13,7 @@ import sys
 
 HELP = "train a model (the default when no command is given)"
 ACCEPTS_OVERRIDES = True
-DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "debug-cpu.yaml"
-)
+DEFAULT_CONFIG = "debug-cpu"  # a preset name: configs/debug-cpu.yaml, shipped in the wheel too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Dynamic sparse training with Sup-tickets. Any config key can be overridden "
         "with --section.key=value (e.g. --sparse.density=0.05)."
     )
-    parser.add_argument("--config", default=None, help="experiment YAML (default: configs/debug-cpu.yaml)")
+    parser.add_argument(
+        "--config", default=None, help="experiment YAML, or a preset name such as debug-cpu (the default)"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--deepspeed",
@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import config_to_dict, load_config
+    from ..config import ConfigError, config_to_dict, load_config
 
-    config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    config_path = args.config or DEFAULT_CONFIG
     if args.resume and args.resume != "auto" and not args.config:
         from ..train.resume import run_dir_of
 
@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
         config_path = saved if saved.is_file() else config_path
     try:
         config = load_config(config_path, args.overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every rank gets here: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         import yaml

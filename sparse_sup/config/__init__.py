@@ -1,7 +1,15 @@
 """Configuration: typed dataclasses, YAML + overrides, resolution of epochs into steps."""
 
-from .loader import build_config, config_to_dict, load_config, parse_override
-from .plan import StepPlan, resolve_plan
+from .errors import ConfigError
+from .loader import (
+    build_config,
+    config_to_dict,
+    load_config,
+    parse_override,
+    preset_names,
+    resolve_config_path,
+)
+from .plan import StepPlan, check_batch_split, resolve_plan
 from .schema import (
     CheckpointConfig,
     Config,
@@ -18,6 +26,7 @@ from .schema import (
 __all__ = [
     "CheckpointConfig",
     "Config",
+    "ConfigError",
     "DataConfig",
     "ExperimentConfig",
     "ModelConfig",
@@ -28,8 +37,11 @@ __all__ = [
     "TicketsConfig",
     "TrainConfig",
     "build_config",
+    "check_batch_split",
     "config_to_dict",
     "load_config",
     "parse_override",
+    "preset_names",
+    "resolve_config_path",
     "resolve_plan",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schema import Config
+from .errors import ConfigError
+from .schema import Config, ScheduleConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,12 +38,23 @@ class StepPlan:
         )
 
 
+def check_batch_split(schedule: ScheduleConfig, world_size: int) -> None:
+    """The global batch must split into ``world_size * grad_accum_steps`` equal micro-batches."""
+    parts = world_size * schedule.grad_accum_steps
+    if schedule.batch_size % parts:
+        raise ConfigError(
+            f"schedule.batch_size={schedule.batch_size} does not split over {world_size} process(es) x "
+            f"schedule.grad_accum_steps={schedule.grad_accum_steps}: use a batch size that is a multiple "
+            f"of {parts}, or change schedule.grad_accum_steps"
+        )
+
+
 def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
-    """Raises ``ValueError`` naming the keys when the budget cannot hold the requested phases."""
+    """Raises ``ConfigError`` naming the keys when the budget cannot hold the requested phases."""
     batch = config.schedule.batch_size
     steps_per_epoch = num_train_samples // batch
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"schedule.batch_size={batch} is larger than the training set ({num_train_samples} samples)"
         )
     total = round(config.schedule.epochs * steps_per_epoch)
@@ -55,13 +67,13 @@ def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
         fraction = 0.1 if t.cycles_fraction is None else t.cycles_fraction
         cycle_steps = round(fraction * total / t.num_cycles)
     if t.num_cycles and cycle_steps < 2:
-        raise ValueError(
+        raise ConfigError(
             f"tickets.num_cycles={t.num_cycles} gives cycles of {cycle_steps} optimizer steps, too short "
             "(need >= 2); use fewer cycles or raise tickets.cycle_epochs / tickets.cycles_fraction or "
             "schedule.epochs"
         )
     if t.num_cycles * cycle_steps >= total:
-        raise ValueError(
+        raise ConfigError(
             f"tickets.num_cycles={t.num_cycles} x {cycle_steps} steps per cycle do not fit in "
             f"schedule.epochs={config.schedule.epochs} ({total} steps): phase 1 would have no steps; "
             "use fewer or shorter cycles, or more epochs"

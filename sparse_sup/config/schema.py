@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{key}={value!r} is invalid: {allowed}")
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -42,6 +44,17 @@ class ModelConfig:
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for key, value in self.kwargs.items():
+            # YAML flow style without a space ({img_size:32}) gives the key 'img_size:32' with no value
+            _check(
+                ":" not in str(key) and value is not None,
+                "model.kwargs",
+                self.kwargs,
+                f"key {key!r} has no value; YAML needs a space after ':', e.g. "
+                "--model.kwargs='{img_size: 32, patch_size: 4}'",
+            )
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -54,6 +67,8 @@ class DataConfig:
     image_size: int = 32
     num_workers: int = 0
     eval_batch_size: int = 256  # also the batch size of BN recalibration
+    mean: list[float] | None = None  # per-channel normalisation; null: the dataset's (see data.NORMALIZATION)
+    std: list[float] | None = None
     max_train_samples: int | None = None  # use only the first N (smoke tests, debugging)
     max_eval_samples: int | None = None
 
@@ -65,6 +80,19 @@ class DataConfig:
         for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"data.{key}", value, "null or a positive integer")
+        _check(
+            (self.mean is None) == (self.std is None),
+            "data.mean" if self.std is None else "data.std",
+            self.mean if self.std is None else self.std,
+            "set data.mean and data.std together (or neither: the dataset's own statistics)",
+        )
+        _check(self.mean is None or len(self.mean) == 3, "data.mean", self.mean, "3 values (R, G, B)")
+        _check(
+            self.std is None or (len(self.std) == 3 and min(self.std) > 0),
+            "data.std",
+            self.std,
+            "3 positive values (R, G, B)",
+        )
 
 
 @dataclass(kw_only=True)
@@ -110,6 +138,13 @@ class ScheduleConfig:
         _check(self.batch_size > 0, "schedule.batch_size", self.batch_size, "a positive integer")
         _check(
             self.grad_accum_steps >= 1, "schedule.grad_accum_steps", self.grad_accum_steps, "an integer >= 1"
+        )
+        _check(
+            self.batch_size % self.grad_accum_steps == 0,
+            "schedule.grad_accum_steps",
+            self.grad_accum_steps,
+            f"a divisor of schedule.batch_size={self.batch_size} (the global batch is split into "
+            "equal micro-batches)",
         )
         _choice("schedule.lr_schedule", self.lr_schedule, ("step", "cosine", "constant"))
         _check(
@@ -189,7 +224,7 @@ class TicketsConfig:
     reexplore_fraction: float = 0.5  # drop/regrow-by-gradient at each cycle start; 0: off
     mask_in_cycles: str = "frozen"  # frozen (CIFAR recipe) or update (ImageNet recipe)
     merge: str = "caa"  # caa (cumulative average) or ema
-    ema_decay: float = 0.5
+    ema_ticket_weight: float = 0.5  # ema: S <- (1 - w) * S + w * T_i (w weights the new ticket)
     reprune: str = "every"  # every merge, or once at the end
     include_phase1_model: bool = True  # S_0 = P; False leaves P out of the average
     bn_recalibration: bool = True
@@ -230,7 +265,12 @@ class TicketsConfig:
         )
         _choice("tickets.mask_in_cycles", self.mask_in_cycles, ("frozen", "update"))
         _choice("tickets.merge", self.merge, ("caa", "ema"))
-        _check(0 < self.ema_decay < 1, "tickets.ema_decay", self.ema_decay, "in (0, 1)")
+        _check(
+            0 < self.ema_ticket_weight < 1,
+            "tickets.ema_ticket_weight",
+            self.ema_ticket_weight,
+            "in (0, 1): the weight of the new ticket in S <- (1 - w) * S + w * T_i",
+        )
         _choice("tickets.reprune", self.reprune, ("every", "end"))
         _check(
             self.bn_recal_batches is None or self.bn_recal_batches > 0,

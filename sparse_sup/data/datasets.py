@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ..config.errors import ConfigError
 from .keys import sample_key, sample_keys
 from .transforms import CIFAR10_MEAN, CIFAR10_STD, ImageNetTransform, Normalize, crop_flip, crop_flip_batch
 
@@ -73,13 +74,13 @@ def load_split_datasets(
 
     missing = [s for s in splits if s not in dsd]
     if missing:
-        raise ValueError(f"split(s) {missing} not found in {source!r}; available splits: {list(dsd)}")
+        raise ConfigError(f"split(s) {missing} not found in {source!r}; available splits: {list(dsd)}")
     train, eval_ = dsd[train_split], dsd[eval_split]
     image_column = _pick_column(train.features, image_column, hf.Image, IMAGE_NAMES, "image")
     label_column = _pick_column(train.features, label_column, hf.ClassLabel, LABEL_NAMES, "label")
     lacking = {image_column, label_column} - set(eval_.column_names)
     if lacking:
-        raise ValueError(
+        raise ConfigError(
             f"split {eval_split!r} lacks column(s) {sorted(lacking)}; columns: {eval_.column_names}"
         )
 
@@ -103,7 +104,7 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_local(root: Path, splits: Sequence[str], cache_dir: str | None) -> hf.DatasetDict:
     if not root.is_dir():
-        raise ValueError(f"expected a directory of parquet files or an imagefolder tree, got file {root}")
+        raise ConfigError(f"expected a directory of parquet files or an imagefolder tree, got file {root}")
     if any(root.rglob("*.parquet")):
         return _load_parquet_dir(root, splits, cache_dir)
     log.info("no parquet files under %s: loading it as an imagefolder", root)
@@ -161,7 +162,7 @@ def _pick_column(
 ) -> str:
     if given is not None:
         if given not in features:
-            raise ValueError(f"{what} column {given!r} not found; columns: {list(features)}")
+            raise ConfigError(f"{what} column {given!r} not found; columns: {list(features)}")
         return given
     for name, feature in features.items():
         if isinstance(feature, kind):
@@ -169,7 +170,7 @@ def _pick_column(
     for name in names:
         if name in features:
             return name
-    raise ValueError(f"cannot detect the {what} column among {list(features)}; pass {what}_column=")
+    raise ConfigError(f"cannot detect the {what} column among {list(features)}; pass {what}_column=")
 
 
 def _class_names(train: hf.Dataset, eval_: hf.Dataset, label_column: str) -> list[str]:
@@ -177,7 +178,7 @@ def _class_names(train: hf.Dataset, eval_: hf.Dataset, label_column: str) -> lis
     if isinstance(feature, hf.ClassLabel):
         other = eval_.features[label_column]
         if isinstance(other, hf.ClassLabel) and other.names != feature.names:
-            raise ValueError(f"train and eval class names differ: {feature.names} vs {other.names}")
+            raise ConfigError(f"train and eval class names differ: {feature.names} vs {other.names}")
         return list(feature.names)
     labels = _label_array(train, label_column)
     log.warning("label column %r is not a ClassLabel: using classes 0..%d", label_column, labels.max())

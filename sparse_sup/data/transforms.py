@@ -15,8 +15,31 @@ from torchvision import transforms as T
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# per-dataset (mean, std), recognised from data.source; order matters: "cifar100" before "cifar10"
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def dataset_normalization(source: str, style: str) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+    """(which, mean, std) for a data source: the statistics of the dataset it names (``bundled`` is
+    CIFAR-10; a path or hub name containing cifar100 / cifar10 / imagenet, ignoring case and
+    punctuation), else those of the style's reference set (cifar: CIFAR-10, imagenet: ImageNet)."""
+    plain = "".join(ch for ch in source.lower() if ch.isalnum())
+    if source == "bundled":
+        plain = "cifar10"
+    for name, (mean, std) in NORMALIZATION.items():
+        if name in plain:
+            return name, mean, std
+    fallback = "cifar10" if style == "cifar" else "imagenet"
+    return f"{fallback} (default for style={style})", *NORMALIZATION[fallback]
 
 
 def crop_flip_params(key: int, padding: int) -> tuple[int, int, bool]:
@@ -37,9 +60,10 @@ def crop_flip_batch(images: torch.Tensor, keys: torch.Tensor, padding: int = 4) 
     """Batched ``crop_flip`` of uint8 [B,C,H,W] with int64 keys [B], as one gather."""
     b, c, h, w = images.shape
     n = 2 * padding + 1
+    keys = keys.to(images.device)  # images may live on the GPU (data kept on the device)
     top, left, flip = keys % n, (keys // n) % n, (keys // (n * n)) % 2 == 1
-    rows = top[:, None] + torch.arange(h)  # [B,H] rows of the padded image
-    cols = torch.arange(w)
+    rows = top[:, None] + torch.arange(h, device=images.device)  # [B,H] rows of the padded image
+    cols = torch.arange(w, device=images.device)
     cols = torch.where(flip[:, None], w - 1 - cols, cols) + left[:, None]  # [B,W]
     flat = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]  # [B,H,W]
     padded = F.pad(images, (padding,) * 4).flatten(2)
@@ -54,6 +78,8 @@ class Normalize:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != x.device:  # images kept on the GPU
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
 
 

@@ -7,6 +7,8 @@ import logging
 from timm.models.resnet import ResNet
 from torch import nn
 
+from ..config.errors import ConfigError
+
 __all__ = ["apply_cifar_stem"]
 
 _LOG = logging.getLogger(__name__)
@@ -21,8 +23,8 @@ def apply_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
     Raises ``ValueError`` for anything that is not a ``timm.models.resnet.ResNet``.
     """
     if not isinstance(model, ResNet):
-        raise ValueError(
-            f"cifar_stem=True is only supported for timm ResNet-family models "
+        raise ConfigError(
+            f"model.cifar_stem=true is only supported for timm ResNet-family models "
             f"(timm.models.resnet.ResNet: resnet18/34/50, resnet10t, resnet50d, ...); "
             f"model {name!r} builds {type(model).__name__}. Adapt other models via kwargs "
             f"(e.g. img_size=32, patch_size=4 for ViTs) or use 'vgg19_bn_cifar'."

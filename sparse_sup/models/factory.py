@@ -9,6 +9,7 @@ from typing import Any
 import timm
 from torch import nn
 
+from ..config.errors import ConfigError
 from . import vgg_cifar  # noqa: F401  (registers 'vgg19_bn_cifar' with timm)
 from .cifar_stem import apply_cifar_stem
 
@@ -31,7 +32,7 @@ def _check_known(name: str) -> None:
         return
     close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models()."
-    raise ValueError(f"Unknown model name {name!r}.{hint}")
+    raise ConfigError(f"Unknown model name {name!r} (model.name).{hint}")
 
 
 def build_model(
@@ -62,16 +63,26 @@ def build_model(
     extra = dict(kwargs or {})
     bad = [k for k in _RESERVED_KWARGS if k in extra]
     if bad:
-        raise ValueError(
-            f"kwargs may not set {bad}: build_model never loads pretrained weights "
+        raise ConfigError(
+            f"model.kwargs may not set {bad}: build_model never loads pretrained weights "
             f"and takes num_classes as an argument"
         )
     if drop_rate:
         if "drop_rate" in extra and extra["drop_rate"] != drop_rate:
-            raise ValueError(f"drop_rate={drop_rate} conflicts with kwargs['drop_rate']={extra['drop_rate']}")
+            raise ConfigError(
+                f"model.drop_rate={drop_rate} conflicts with model.kwargs['drop_rate']={extra['drop_rate']}"
+            )
         extra["drop_rate"] = drop_rate
 
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **extra)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **extra)
+    except TypeError as e:  # a keyword the model's constructor does not take
+        if not extra or "argument" not in str(e):
+            raise
+        raise ConfigError(
+            f"model.kwargs={extra} is not accepted by timm model {name!r}: {e}; "
+            "remove or rename the key (see the model's constructor in timm)"
+        ) from None
     if cifar_stem:
         apply_cifar_stem(model, name)
     n_params = sum(p.numel() for p in model.parameters())

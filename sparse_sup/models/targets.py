@@ -10,6 +10,8 @@ from fnmatch import fnmatchcase
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from ..config.errors import ConfigError
+
 # Single source of truth (timm-free, shared with the backends): re-exported here.
 from ..core.names import WRAPPER_COMPONENTS, normalize_name
 
@@ -30,22 +32,30 @@ def _matches(pattern: str, raw: str, norm: str) -> bool:
     return fnmatchcase(norm, pattern) or fnmatchcase(raw, pattern)
 
 
+# nn.MultiheadAttention keeps its q/k/v projection as parameters of its own, not in a Linear
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
 def _default_target_ids(model: nn.Module) -> set[int]:
-    """ids of the ``weight`` parameters of every Conv (1/2/3-d, transposed) and Linear module."""
+    """ids of the ``weight`` parameters of every Conv (1/2/3-d, transposed) and Linear module, and
+    of the q/k/v projection weights of every ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear)."""
     ids: set[int] = set()
     for module in model.modules():
-        if isinstance(module, (_ConvNd, nn.Linear)):
-            weight = getattr(module, "weight", None)
+        names = ("weight",) if isinstance(module, (_ConvNd, nn.Linear)) else ()
+        if isinstance(module, nn.MultiheadAttention):
+            names = _MHA_WEIGHTS
+        for name in names:
+            weight = getattr(module, name, None)
             if isinstance(weight, nn.Parameter) and weight.ndim >= 2:
                 ids.add(id(weight))
     return ids
 
 
-def _unmatched_error(pattern: str, arg: str, names: Iterable[str]) -> ValueError:
+def _unmatched_error(pattern: str, arg: str, names: Iterable[str]) -> ConfigError:
     names = list(names)
     examples = difflib.get_close_matches(pattern, names, n=3, cutoff=0.3) or names[:5]
-    return ValueError(
-        f"{arg} pattern {pattern!r} matches no parameter of the model; "
+    return ConfigError(
+        f"sparse.{arg} pattern {pattern!r} matches no parameter of the model; "
         f"example parameter names: {examples} ({len(names)} in total)"
     )
 
@@ -57,7 +67,8 @@ def select_targets(
 ) -> list[str]:
     """Names (as in ``model.named_parameters()``, same order) of the parameters to sparsify.
 
-    Default: the ``weight`` of every Conv/Linear module (stem and classifier included);
+    Default: the ``weight`` of every Conv/Linear module (stem and classifier included) and the
+    q/k/v projection weights of ``nn.MultiheadAttention`` (``in_proj_weight``);
     biases, norms, embeddings, pos_embed/cls_token stay dense. ``include``: fnmatch
     globs replacing the default (any floating-point parameter matching one is a
     target); ``exclude``: globs always removed. Patterns are tried against both the

@@ -52,7 +52,7 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def prepare(config: Config, resume: str | None = None) -> Prepared:
-    """Model, data and step plan; raises ValueError/FileNotFoundError with a clear message on bad
+    """Model, data and step plan; raises ConfigError/FileNotFoundError with a clear message on bad
     input, before anything is written. ``resume``: ``auto`` or a checkpoint/run path (``--resume``)."""
     resume_from = None
     if resume:

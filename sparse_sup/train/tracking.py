@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..config.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
@@ -32,11 +34,11 @@ def resolve_report_to(report_to: list[str] | None) -> list[str]:
     names = list(dict.fromkeys(report_to))
     if "none" in names:
         if len(names) > 1:
-            raise ValueError(f"train.report_to={report_to!r} is invalid: 'none' cannot be combined")
+            raise ConfigError(f"train.report_to={report_to!r} is invalid: 'none' cannot be combined")
         return []
     for name in names:
         if importlib.util.find_spec(_PACKAGES[name]) is None:
-            raise ValueError(
+            raise ConfigError(
                 f"train.report_to includes {name!r} but the {_PACKAGES[name]} package is not installed: "
                 f"pip install {_PACKAGES[name]}, or leave it out of train.report_to"
             )

@@ -187,3 +187,45 @@ def test_targets_under_wrapper_match_by_normalized_name() -> None:
 )
 def test_normalize_name(raw: str, expected: str) -> None:
     assert normalize_name(raw) == expected
+
+
+# --- nn.MultiheadAttention keeps q/k/v outside any Linear ---------------------------------------
+
+
+def test_default_targets_torchvision_vit_include_mha_in_proj() -> None:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
+    targets = select_targets(model)
+    for i in range(2):
+        block = f"encoder.layers.encoder_layer_{i}"
+        assert f"{block}.self_attention.in_proj_weight" in targets
+        assert f"{block}.self_attention.out_proj.weight" in targets
+        assert f"{block}.self_attention.in_proj_bias" not in targets
+    assert "conv_proj.weight" in targets and "heads.head.weight" in targets
+    assert "class_token" not in targets and "encoder.pos_embedding" not in targets
+    # every matrix of the model is a target: nothing of ndim >= 2 outside the embeddings stays dense
+    dense = [n for n, p in model.named_parameters() if p.ndim >= 2 and n not in targets]
+    assert dense == ["class_token", "encoder.pos_embedding"], dense
+
+
+def test_default_targets_mha_with_separate_qkv_weights() -> None:
+    layer = nn.MultiheadAttention(16, 2, kdim=8, vdim=12)  # different dims: q/k/v_proj_weight
+    assert layer.in_proj_weight is None
+    targets = select_targets(nn.Sequential(layer))
+    assert targets == ["0.q_proj_weight", "0.k_proj_weight", "0.v_proj_weight", "0.out_proj.weight"]
+    encoder = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    assert select_targets(encoder) == [
+        "self_attn.in_proj_weight",
+        "self_attn.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    ]
+
+
+def test_kwargs_the_model_does_not_take_are_named() -> None:
+    with pytest.raises(ValueError, match=r"model.kwargs=\{'img_sise': 32\} is not accepted"):
+        build_model("test_resnet", 10, kwargs={"img_sise": 32})

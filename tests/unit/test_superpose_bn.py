@@ -163,12 +163,12 @@ def test_caa_random_float_matches_formula() -> None:
 def test_ema_rule() -> None:
     g = torch.Generator().manual_seed(1)
     models = [[torch.randn(4, generator=g, dtype=torch.float64), torch.tensor(m)] for m in range(4)]
-    chain = SuperpositionChain(rule="ema", ema_decay=0.3)
+    chain = SuperpositionChain(rule="ema", ema_ticket_weight=0.3)  # the NEW ticket gets weight 0.3
     expected = models[0][0].clone()
     for i, m in enumerate(models):
         chain.merge(dict(zip("wn", m)))
         if i:
-            expected = 0.3 * expected + 0.7 * m[0]
+            expected = 0.7 * expected + 0.3 * m[0]
         assert torch.allclose(chain.tensors["w"], expected, rtol=0, atol=1e-12)
         assert int(chain.tensors["n"]) == i
     # the chain owns copies: changing the model afterwards does not touch S
@@ -209,7 +209,7 @@ def test_swap_exchanges_contents_in_place() -> None:
 
 
 @pytest.mark.parametrize("density", [0.1, 0.35, 0.5, 0.9])
-def test_reprune_exact_count_with_ties(density: float) -> None:
+def test_reprune_exact_count_with_ties(density: float, caplog: pytest.LogCaptureFixture) -> None:
     tensors = [
         torch.full((3, 4), 2.0, dtype=torch.float64),
         torch.zeros(3, dtype=torch.float64),
@@ -225,7 +225,8 @@ def test_reprune_exact_count_with_ties(density: float) -> None:
     assert flat_mask.tolist() == [i < keep for i in range(17)]  # all tie: lowest global indices
     a, b = chain.tensors["a.weight"], chain.tensors["b.weight"]
     assert int((a != 0).sum() + (b != 0).sum()) == keep
-    # more to keep than there are non-zeros: still exactly ``keep`` in the masks
+    # more to keep than there are non-zeros (frozen masks, no re-exploration): S keeps its nonzero
+    # support instead of marking the lowest-index zeros active to fill the budget
     chain = SuperpositionChain()
     sparse = [
         torch.zeros(3, 4, dtype=torch.float64),
@@ -234,10 +235,13 @@ def test_reprune_exact_count_with_ties(density: float) -> None:
         torch.tensor(0),
     ]
     chain.merge(dict(zip(NAMES, sparse)))
-    chain.reprune(targets_for(sparse), 5, LOCAL)
-    assert sum(int(m.sum()) for m in chain.masks.values()) == 5
+    with caplog.at_level(logging.WARNING, logger="sparse_sup.tickets.superpose"):
+        chain.reprune(targets_for(sparse), 5, LOCAL)
+    assert "2 nonzero target weights, fewer than the budget 5" in caplog.text
+    assert sum(int(m.sum()) for m in chain.masks.values()) == 2
     assert chain.masks["b.weight"].tolist() == [False, True, False, True, False]
-    assert chain.masks["a.weight"].reshape(-1).tolist() == [True] * 3 + [False] * 9
+    assert not chain.masks["a.weight"].any()
+    assert chain.tensors["b.weight"].tolist() == [0.0, 1.0, 0.0, -3.0, 0.0]  # values untouched
 
 
 # --- BatchNorm recalibration -------------------------------------------------------------------
