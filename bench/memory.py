@@ -30,9 +30,9 @@ the topology update), recorded by a wrapper around the shard ``Collectives``.
 Goal: at world size 4, each operation's extra peak per rank <= 0.30x its world-size-1 figure.
 
 Usage (driver: runs world sizes 1, 2, 4 through torchrun and prints the table):
-    cd /work/main && PYTHONPATH=. /work/venv/bin/python bench/memory.py
+    PYTHONPATH=. python bench/memory.py                      # from the repository root
 One world size by hand (prints one JSON line on rank 0):
-    PYTHONPATH=. OMP_NUM_THREADS=1 /work/venv/bin/python -m torch.distributed.run --standalone \
+    PYTHONPATH=. OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone \
         --nproc_per_node=4 bench/memory.py --worker
 """
 
