@@ -14,16 +14,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..backends import StepOptions, build_backend
-from ..backends.buffers import sync_buffers
 from ..checkpoint import export_safetensors
 from ..checkpoint.run_state import load_run_checkpoint, save_run_checkpoint
 from ..checkpoint.tickets import save_model_checkpoint
 from ..config import config_to_dict
 from ..data import GlobalBatchSampler, make_loader
 from ..engine import EngineHooks, SupTicketsEngine
-from ..tickets import recalibrate_batchnorm
-from .evaluate import evaluate, recalibration_batches
 from .logs import MetricsWriter, setup_logging, truncate_metrics
+from .model_ops import evaluate_model, recalibrate_model_bn
 from .progress import progress_enabled
 from .setup import Prepared
 from .tracking import MaskHistory, layer_densities, schedule_record, topology_record
@@ -172,39 +170,11 @@ class Run:
         log.info("resumed from %s at step %d", path, self.engine.step)
 
     # ---- evaluation, BN, snapshots ------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
-
     def evaluate(self) -> dict[str, float]:
-        d = self.config.data
-        sync_buffers(
-            self.module, self.backend.data_parallel
-        )  # BN buffers identical on every rank before evaluating
-        return evaluate(
-            self.module,
-            self.p.eval_set,
-            d.eval_batch_size,
-            self.backend.data_parallel,
-            self.device,
-            d.num_workers,
-            lockstep=self.backend.lockstep,
-        )
+        return evaluate_model(self.backend, self.p)
 
     def recalibrate_bn(self, counter: int = 0) -> None:
-        t, d = self.config.tickets, self.config.data
-        batches = recalibration_batches(
-            self.p.bn_set,
-            d.eval_batch_size,
-            t.bn_recal_batches,
-            self.config.experiment.seed,
-            self.backend.data_parallel,
-            self.device,
-            self.dtype,
-            lockstep=self.backend.lockstep,
-            counter=counter,
-        )
-        recalibrate_batchnorm(self.module, batches, self.backend.data_parallel)
+        recalibrate_model_bn(self.backend, self.p, counter)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """Whole tensors (collective under FSDP2: every rank must call it)."""

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint.run_state import MANIFEST, checkpoint_problems, latest_checkpoint, list_checkpoints
-from ..config import Config, config_to_dict
+from ..checkpoint.run_state import (
+    MANIFEST,
+    checkpoint_problems,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_manifest,
+)
+from ..config import Config, ConfigError, config_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ def run_dir_of(resume: str, config: Config) -> Path:
     """The run directory a ``--resume`` value refers to."""
     if resume == "auto":
         if not config.experiment.output_dir:
-            raise ValueError(
+            raise ConfigError(
                 "--resume auto needs a fixed run directory: set --experiment.output_dir=DIR (the default "
                 "directory name has a timestamp, so a relaunch would not find the run)"
             )
@@ -57,7 +63,7 @@ def check_same_config(run_dir: Path, config: Config) -> None:
         if (section, key) not in FREE_KEYS and saved.get(section, {}).get(key) != value
     ]
     if differ:
-        raise ValueError(
+        raise ConfigError(
             f"--resume: the config differs from the one {run_dir} was started with "
             f"({'; '.join(differ[:3])}); "
             f"resume with the run's own config (--config {saved_file}) or start a new run"
@@ -68,21 +74,38 @@ def resolve_resume(resume: str, config: Config) -> Path | None:
     """The checkpoint to load, or None for a fresh start (``auto`` with no checkpoint yet)."""
     run_dir = run_dir_of(resume, config)
     if resume != "auto" and not run_dir.is_dir():
-        raise ValueError(f"--resume {resume}: no such run directory or checkpoint")
+        raise ConfigError(f"--resume {resume}: no such run directory or checkpoint")
     check_same_config(run_dir, config)
     path = Path(resume)
     if resume != "auto" and ((path / MANIFEST).is_file() or path.parent.name == "checkpoints"):
         problems = checkpoint_problems(path)
         if problems:
-            raise ValueError(f"--resume {resume}: {problems[0]}; pass the run directory to fall back")
+            raise ConfigError(f"--resume {resume}: {problems[0]}; pass the run directory to fall back")
+        check_world_size(path)
         return path
     chosen = latest_checkpoint(run_dir)
     if chosen is None and resume != "auto":
         found = len(list_checkpoints(run_dir))
-        raise ValueError(
+        raise ConfigError(
             f"--resume {resume}: no complete checkpoint in {run_dir / 'checkpoints'} ({found} found, none "
             "intact); start a new run"
         )
     if chosen is None:
         log.info("--resume auto: no checkpoint in %s yet; starting from step 0", run_dir)
+    else:
+        check_world_size(chosen)
     return chosen
+
+
+def check_world_size(path: Path) -> None:
+    """Run checkpoints hold engine-sharded optimizer state: resume at the world size that wrote them."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    written = read_checkpoint_manifest(path)["world_size"]
+    if written != world:
+        raise ConfigError(
+            f"--resume: checkpoint {path} was written by {written} processes and this job has {world}; "
+            f"relaunch with {written} processes (tickets, unlike run checkpoints, can be read at any world "
+            "size: see 'sparse-sup merge')"
+        )

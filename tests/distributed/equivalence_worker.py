@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sparse_sup.backends import LocalBackend  # noqa: E402
+from sparse_sup.backends import build_backend  # noqa: E402
 from sparse_sup.config import load_config, resolve_plan  # noqa: E402
 from sparse_sup.core.collectives import LOCAL  # noqa: E402
 from sparse_sup.data import GlobalBatchSampler  # noqa: E402
@@ -130,7 +130,6 @@ class ToyRun:
         if mode == "reference":
             self.model, self.dp = model, LOCAL
             self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-            backend = LocalBackend(model, self.optimizer, TARGETS)
             self.module = model
         else:
             from sparse_sup.backends.collectives import ProcessGroupCollectives
@@ -142,11 +141,8 @@ class ToyRun:
                 self.optimizer = torch.optim.SGD(
                     self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
                 )
-                backend = LocalBackend(self.model, self.optimizer, TARGETS, self.dp)
             elif mode.startswith("zero"):
                 import deepspeed
-
-                from sparse_sup.backends.deepspeed import DeepSpeedBackend
 
                 ds_config = {
                     "train_batch_size": BATCH,
@@ -161,20 +157,16 @@ class ToyRun:
                     model=model, optimizer=optimizer, config=ds_config
                 )
                 self.module = self.model.module
-                backend = DeepSpeedBackend(self.model, TARGETS)
             else:
-                from sparse_sup.backends.fsdp2 import FSDP2Backend, fsdp2_shard_model
+                from sparse_sup.backends.fsdp2 import fsdp2_shard_model
 
                 self.model = self.module = fsdp2_shard_model(model)
                 self.optimizer = torch.optim.SGD(
                     self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
                 )
-                backend = FSDP2Backend(self.model, self.optimizer, TARGETS)
-        self.backend = backend
+        self.backend = build_backend(self.model, self.optimizer, TARGETS)  # the engine from the type
         self.events, self.superposed, self.checked_steps = [], [], 0
-        self.engine = SupTicketsEngine.from_config(config, self.plan, backend, Recorder(self))
-        if mode.startswith("zero"):
-            backend.wrap_optimizer_step(self.engine)
+        self.engine = SupTicketsEngine.from_config(config, self.plan, self.backend, Recorder(self))
 
     def full_masks(self, masks):
         return {k: v.clone() for k, v in self.backend.full_masks(masks).items()}

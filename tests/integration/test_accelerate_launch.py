@@ -1,5 +1,6 @@
-"""``accelerate launch`` with 2 CPU processes runs the tiny config end to end under DDP and FSDP2
-and prints the same summary as one process."""
+"""``accelerate launch`` with 2 CPU processes runs the tiny config end to end under DDP, FSDP2 and
+DeepSpeed ZeRO-2/3 and prints the same summary as one process; the sharded tickets of the FSDP2 and
+ZeRO-3 runs are merged again by 1 and by 3 processes into the run's own S_M."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +46,12 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, engine, parallelism):
     assert all(r["count"] == 300 for r in results.values())
     assert results["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
     assert results["final"]["accuracy"] == results["S_2"]["accuracy"]
+    if engine in ("fsdp2", "deepspeed_zero3"):
+        # tickets written by 2 sharded processes, merged again by 1 and by 3: the run's own S_2
+        from merge_helpers import assert_same_model, merge
+
+        for nproc in (1, 3):
+            out = tmp_path / f"merged{nproc}"
+            proc = merge(run_dir, out, nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert_same_model(out / "sharded", run_dir / "final" / "sharded", atol=1e-5)

@@ -1,0 +1,47 @@
+"""Evaluation and BN recalibration of whatever the backend's model holds now (a ticket, S_i, the
+final model): the one implementation the training loop and ``merge`` share."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.buffers import sync_buffers
+from ..tickets import recalibrate_batchnorm
+from .evaluate import evaluate, recalibration_batches
+from .setup import Prepared
+
+
+def model_device(backend) -> torch.device:
+    return next(backend.module.parameters()).device
+
+
+def evaluate_model(backend, prepared: Prepared) -> dict[str, float]:
+    """Accuracy and loss over the eval split, each example counted once (collective)."""
+    d = prepared.config.data
+    sync_buffers(backend.module, backend.data_parallel)  # BN buffers equal on all ranks first
+    return evaluate(
+        backend.module,
+        prepared.eval_set,
+        d.eval_batch_size,
+        backend.data_parallel,
+        model_device(backend),
+        d.num_workers,
+        lockstep=backend.lockstep,
+    )
+
+
+def recalibrate_model_bn(backend, prepared: Prepared, counter: int) -> None:
+    """Pooled BN statistics over recalibration pass ``counter`` (collective)."""
+    c = prepared.config
+    batches = recalibration_batches(
+        prepared.bn_set,
+        c.data.eval_batch_size,
+        c.tickets.bn_recal_batches,
+        c.experiment.seed,
+        backend.data_parallel,
+        model_device(backend),
+        next(backend.module.parameters()).dtype,
+        lockstep=backend.lockstep,
+        counter=counter,
+    )
+    recalibrate_batchnorm(backend.module, batches, backend.data_parallel)
