@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import Config
+from ..checkpoint import CheckpointError
+from ..config import Config, ConfigError, check_batch_split
 
 
 def run_training(
@@ -24,31 +25,14 @@ def run_training(
 ) -> int:
     """Returns the exit code. ``deepspeed_config``: the JSON given to the ``deepspeed`` launcher;
     ``resume``: ``auto`` or a run/checkpoint path to continue from."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     from .loop import Run, summary_table
     from .progress import configure as configure_progress
     from .setup import prepare
     from .tracking import resolve_report_to
 
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
-    cpu = not torch.cuda.is_available()
-    if deepspeed_config:  # the deepspeed launcher: DeepSpeed owns the model, Accelerate only devices
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
-        accelerator = Accelerator(cpu=cpu)
-    else:
-        # Accelerate's DeepSpeed plugin on CPU needs gloo and must not be forced onto its CPU path
-        use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and use_deepspeed else []
-        accelerator = Accelerator(
-            mixed_precision=None if use_deepspeed else mixed,
-            cpu=cpu and not use_deepspeed,
-            kwargs_handlers=handlers,
-        )
+    accelerator = make_accelerator(config, deepspeed_launcher=bool(deepspeed_config))
     try:
+        check_batch_split(config.schedule, accelerator.num_processes)
         prepared = prepare(config, resume)
         resolve_report_to(config.train.report_to)  # a tracker that is not installed stops here
         from ..backends.deepspeed_config import fill_deepspeed_config
@@ -60,9 +44,10 @@ def run_training(
         elif accelerator.state.deepspeed_plugin is not None:  # Accelerate cannot infer "auto" without
             plugin = accelerator.state.deepspeed_plugin  # prepared data loaders: fill it from our config
             fill_deepspeed_config(plugin.deepspeed_config, config, accelerator.num_processes)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        report_error(str(e))
-        return _exit(accelerator, 2)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input; else a bug: traceback
+        if accelerator.is_main_process:  # every rank sees the same input: say it once
+            report_error(str(e))
+        return finish_process(accelerator, 2)
     configure_progress(config.train.progress_bar and accelerator.is_main_process)
     run = Run(prepared, accelerator)
     run.start()
@@ -78,10 +63,57 @@ def run_training(
             f"world size {summary['world_size']}\n{summary_table(summary)}\n"
             f"\nrun directory: {prepared.run_dir}"
         )
-    return _exit(accelerator, 0)
+    return finish_process(accelerator, 0)
 
 
-def _exit(accelerator, code: int) -> int:
+def make_accelerator(config: Config, deepspeed_launcher: bool = False):
+    """The Accelerator for this launch (process group, device, mixed precision)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
+    cpu = not torch.cuda.is_available()
+    if deepspeed_launcher:  # the deepspeed launcher: DeepSpeed owns the model, Accelerate only devices
+        import deepspeed
+
+        single_process_environment()
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+        return Accelerator(cpu=cpu)
+    # Accelerate's DeepSpeed plugin on CPU needs gloo and must not be forced onto its CPU path
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and use_deepspeed else []
+    return Accelerator(
+        mixed_precision=None if use_deepspeed else mixed,
+        cpu=cpu and not use_deepspeed,
+        kwargs_handlers=handlers,
+    )
+
+
+def single_process_environment() -> bool:
+    """``--deepspeed`` without a launcher (``python train.py --deepspeed ...``): describe a 1-process
+    job in the environment, as the ``deepspeed`` launcher would, so DeepSpeed does not go looking for
+    MPI. Returns True if it did (a launcher sets ``RANK`` and ``WORLD_SIZE`` itself)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False
+    import logging
+    import socket
+
+    with socket.socket() as s:  # a free port for the (1-process) rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
+    ).items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(port))
+    logging.getLogger(__name__).info(
+        "--deepspeed without a launcher: running DeepSpeed as 1 process; for N GPUs or processes use "
+        "deepspeed --num_gpus N train.py --deepspeed ..."
+    )
+    return True
+
+
+def finish_process(accelerator, code: int) -> int:
     """Finish distributed runs cleanly (gloo workers can abort at interpreter exit otherwise)."""
     import torch.distributed as dist
 
