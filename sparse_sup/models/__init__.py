@@ -1,9 +1,9 @@
 """Model factory and sparsification-target selection.
 
-Importing this package registers ``vgg19_bn_cifar`` with timm.
+Importing this package registers ``vgg19_bn_cifar`` and ``resnet32_cifar`` with timm.
 """
 
-from . import vgg_cifar  # noqa: F401  (timm registration side effect)
+from . import resnet_cifar, vgg_cifar  # noqa: F401  (timm registration side effect)
 from .cifar_stem import apply_cifar_stem
 from .factory import build_model
 from .targets import normalize_name, select_targets

@@ -1,0 +1,346 @@
+"""Reproduction study of the paper's claim: does S_M beat the base DST method at the same budget?
+
+For each method (RigL, SET, GraNet) and seed, three real training runs through the real CLI
+(``python train.py ...``), each into its own ``--experiment.output_dir``:
+
+* ``base``  -- the base method for the whole budget (``--tickets.num_cycles=0``);
+* ``paper`` -- Sup-tickets with the paper's CIFAR split: 3 cycles in 10% of the budget (the recipe
+               spends 24 of 250 epochs = 9.6%), re-exploration of 50% of each layer at each cycle
+               start, frozen masks in cycles, cycle LR 1e-3 -> 5e-3 -> 1e-3;
+* ``noreexp`` -- the same split without re-exploration (``--tickets.reexplore_fraction=0``): at a
+               short budget a cycle lasts a few dozen steps at LR <= 5e-3, too few for weights
+               regrown at exactly 0 to learn anything, so re-exploring half of every layer
+               mostly deletes trained weights from each ticket. Our candidate for "what works best
+               at this budget" (see docs/RESULTS.md for what the runs say).
+
+Then ``docs/RESULTS.md`` is written from the runs' ``summary.json`` files: mean ± std over seeds
+of P, each T_i, S_M and the base run, the gain S_M - base (per seed, then mean ± std), wall time
+per run, and the exact command of every run. Nothing is typed in by hand except the text between
+the ``NOTES`` markers of an existing RESULTS.md, which is kept when the file is regenerated.
+
+Resumable: a run whose ``summary.json`` exists is not run again (delete its folder to redo it); a
+run folder without one (a killed run) is overwritten.
+
+Tiers (``--tier``):
+* ``cpu``     -- the full grid: 3 RigL seeds + 1 SET + 1 GraNet seed, x 3 schedules = 15 runs of
+                 ``resnet32_cifar`` (CIFAR ResNet-32, 0.46 M weights) at density 0.1 on the
+                 bundled CIFAR-10 mini split (10k train / 2k test), batch 128, 8 epochs = 624
+                 optimizer steps, ΔT = 50 (the CPU preset's). Sized for ~2 h on the 2-core
+                 machine with ``--jobs 2`` (one thread per run): ~1.4 s per step of 128 at one
+                 thread on an idle core (bench/throughput.py) -> 624 steps ~ 15 min, + ~1 min of
+                 evaluation and BN recalibration per run; 15 runs / 2 jobs ~ 8 x 16 min ~ 2 h.
+* ``reduced`` -- RigL, seed 0, 3 epochs (234 steps), the three schedules: what fits in a busy
+                 session (run with ``--jobs 3``).
+* ``smoke``   -- two seconds-long runs of the tiny test config, for the test suite.
+
+Usage: python bench/reproduce.py --tier cpu --jobs 2 [--out runs/reproduce-cpu] [--doc docs/RESULTS.md]
+       python bench/reproduce.py --tier reduced --doc docs/RESULTS.md
+       python bench/reproduce.py --smoke --out /tmp/x --doc /tmp/x/RESULTS.md
+       python bench/reproduce.py --tier cpu --aggregate-only    # rewrite the doc from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCHEDULES: dict[str, list[str]] = {
+    "base": ["--tickets.num_cycles=0"],
+    "paper": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.1", "--tickets.reexplore_fraction=0.5"],
+    "noreexp": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.1", "--tickets.reexplore_fraction=0"],
+}
+SCHEDULE_TEXT = {
+    "base": "base method, whole budget",
+    "paper": "3 cycles in 10% of the budget, re-exploration 0.5 (paper's CIFAR split)",
+    "noreexp": "3 cycles in 10% of the budget, no re-exploration",
+}
+
+
+@dataclass(frozen=True)
+class Tier:
+    description: str
+    config: str
+    epochs: float
+    seeds: dict[str, list[int]]  # method -> seeds
+    schedules: tuple[str, ...]
+    extra: list[str] = field(default_factory=list)
+
+
+CPU_COMMON = [
+    "--model.name=resnet32_cifar",
+    "--model.cifar_stem=false",
+    "--data.source=bundled",
+    "--sparse.density=0.1",
+    "--sparse.update_interval=50",
+    "--train.progress_bar=false",
+    "--train.log_every=50",
+]
+TIERS = {
+    "cpu": Tier(
+        "full CPU tier: ResNet-32, bundled CIFAR-10 mini (10k/2k), 8 epochs, density 0.1",
+        "configs/debug-cpu.yaml",
+        8,
+        {"rigl": [0, 1, 2], "set": [0], "granet": [0]},
+        ("base", "paper", "noreexp"),
+        CPU_COMMON,
+    ),
+    "reduced": Tier(
+        "REDUCED tier: ResNet-32, bundled CIFAR-10 mini (10k/2k), 3 epochs, density 0.1, RigL seed 0 only",
+        "configs/debug-cpu.yaml",
+        3,
+        {"rigl": [0]},
+        ("base", "paper", "noreexp"),
+        CPU_COMMON,
+    ),
+    "smoke": Tier(
+        "smoke tier: timm test_resnet on 512 bundled images, 8 epochs of 8 steps (tests only; "
+        "numbers mean nothing)",
+        "configs/tiny-test.yaml",
+        8,
+        {"rigl": [0]},
+        ("base", "paper"),
+        ["--tickets.bn_recal_batches=1"],
+    ),
+}
+METHOD_EXTRA = {"granet": lambda epochs: [f"--sparse.granet_prune_end_epoch={epochs / 2:g}"]}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    schedule: str
+    seed: int
+    out: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.schedule}-s{self.seed}"
+
+    @property
+    def dir(self) -> Path:
+        return self.out / self.name
+
+    def command(self, tier: Tier, overwrite: bool = False) -> list[str]:
+        extra = tier.extra
+        cmd = [
+            "python",
+            "train.py",
+            "--config",
+            tier.config,
+            *extra,
+            f"--schedule.epochs={tier.epochs:g}",
+            f"--sparse.method={self.method}",
+            *METHOD_EXTRA.get(self.method, lambda e: [])(tier.epochs),
+            *SCHEDULES[self.schedule],
+            f"--experiment.seed={self.seed}",
+            f"--experiment.name={self.name}",
+            f"--experiment.output_dir={self.dir}",
+        ]
+        return [*cmd, "--experiment.overwrite=true"] if overwrite else cmd
+
+
+def grid(tier: Tier, out: Path) -> list[RunSpec]:
+    return [
+        RunSpec(method, schedule, seed, out)
+        for method, seeds in tier.seeds.items()
+        for seed in seeds
+        for schedule in tier.schedules
+    ]
+
+
+def execute(spec: RunSpec, tier: Tier, threads: int) -> str:
+    """Run one training job unless its summary exists; returns a one-line status."""
+    if (spec.dir / "summary.json").exists():
+        return f"{spec.name}: done earlier, skipped"
+    cmd = spec.command(tier, overwrite=spec.dir.exists())
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    spec.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(spec.out / f"{spec.name}.log", "w") as log:
+        proc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=env, stdout=log, stderr=log)
+    wall = time.perf_counter() - start
+    log_path = spec.out / f"{spec.name}.log"
+    if not (spec.dir / "summary.json").exists():
+        return f"{spec.name}: FAILED (exit {proc.returncode}, no summary.json), see {log_path}"
+    (spec.dir / "wall_time.json").write_text(json.dumps({"wall_s": wall, "threads": threads}))
+    if proc.returncode != 0:  # training finished and wrote its summary; something after it failed
+        return f"{spec.name}: {wall:.0f} s, summary written but exit {proc.returncode}, see {log_path}"
+    return f"{spec.name}: {wall:.0f} s"
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _load(spec: RunSpec) -> dict | None:
+    path = spec.dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    wall = spec.dir / "wall_time.json"
+    summary["wall_s"] = json.loads(wall.read_text())["wall_s"] if wall.exists() else None
+    return summary
+
+
+def _fmt(values: list[float], pct: bool = True, signed: bool = False) -> str:
+    """'mean ± std (n)' in percent; the std is the sample std over seeds (n >= 2)."""
+    if not values:
+        return "—"
+    scale = 100 if pct else 1
+    mean = statistics.mean(values) * scale
+    sign = "+" if signed else ""
+    text = f"{mean:{sign}.2f}"
+    if len(values) >= 2:
+        text += f" ± {statistics.stdev(values) * scale:.2f}"
+    return text
+
+
+def _acc(summary: dict, label: str) -> float | None:
+    r = summary["results"].get(label)
+    return None if r is None else r["accuracy"]
+
+
+def aggregate(tier_name: str, tier: Tier, specs: list[RunSpec], command_line: str) -> str:
+    """The RESULTS.md body (without the kept notes) from the runs that finished."""
+    loaded = {s: _load(s) for s in specs}
+    lines = [
+        "# Results: does S_M beat the base method at the same budget?",
+        "",
+        f"Tier: **{tier.description}**. Written by `bench/reproduce.py` from the runs' `summary.json` "
+        f"files on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "
+        f"{platform.machine()} {os.cpu_count()} cores ({_cpu_name()}), load average "
+        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} when written. Regenerate: `{command_line}`.",
+        "Full CPU tier (~2 h on 2 idle cores): `python bench/reproduce.py --tier cpu --jobs 2`.",
+        "",
+        "Accuracy on the test split in %, mean ± sample std over seeds (no ± with one seed). "
+        "S_M = the superposed final model; base = the same method for the whole budget "
+        "(`--tickets.num_cycles=0`), same seed; gain = S_M - base per seed, then mean ± std. "
+        "Wall = seconds per run (one thread per run).",
+        "",
+        "| method | schedule | seeds | P | T_1 / T_2 / ... | S_M | base | gain S_M - base | wall s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for method in tier.seeds:
+        for schedule in tier.schedules:
+            runs = [(s, loaded[s]) for s in specs if s.method == method and s.schedule == schedule]
+            done = [(s, r) for s, r in runs if r is not None]
+            walls = [r["wall_s"] for _, r in done if r["wall_s"] is not None]
+            wall = f"{statistics.mean(walls):.0f}" if walls else "—"
+            seeds_txt = f"{len(done)}/{len(runs)}"
+            if schedule == "base":
+                final = [_acc(r, "final") for _, r in done]
+                lines.append(
+                    f"| {method} | {schedule} | {seeds_txt} | — | — | — | {_fmt(final)} | — | {wall} |"
+                )
+                continue
+            num_t = max((r["plan"]["num_cycles"] for _, r in done), default=0)
+            p = [_acc(r, "P") for _, r in done]
+            tickets = " / ".join(_fmt([_acc(r, f"T_{i}") for _, r in done]) for i in range(1, num_t + 1))
+            s_m = [_acc(r, "final") for _, r in done]
+            base, gains = [], []
+            for s, r in done:
+                b = loaded.get(RunSpec(method, "base", s.seed, s.out))
+                if b is not None:
+                    base.append(_acc(b, "final"))
+                    gains.append(_acc(r, "final") - _acc(b, "final"))
+            lines.append(
+                f"| {method} | {schedule} | {seeds_txt} | {_fmt(p)} | {tickets or '—'} | {_fmt(s_m)} "
+                f"| {_fmt(base)} | {_fmt(gains, signed=True)} | {wall} |"
+            )
+            if gains:
+                mean_gain = 100 * statistics.mean(gains)
+                best_t = [
+                    max(_acc(r, f"T_{i}") for i in range(1, r["plan"]["num_cycles"] + 1)) for _, r in done
+                ]
+                beats = "S_M beats the base run" if mean_gain > 0 else "S_M does **not** beat the base run"
+                vs_ticket = 100 * (statistics.mean(s_m) - statistics.mean(best_t))
+                p_cost = 100 * (statistics.mean(p) - statistics.mean(base))
+                verdicts.append(
+                    f"- {method}, {schedule}: S_M - base = {mean_gain:+.2f} points over {len(gains)} "
+                    f"seed(s): {beats}; S_M - best ticket = {vs_ticket:+.2f}; P - base = {p_cost:+.2f} "
+                    "(what handing the cycle steps away from phase 1 costs before any superposition)."
+                )
+    lines += ["", "Schedules:", ""]
+    lines += [f"- `{k}`: {SCHEDULE_TEXT[k]} (`{' '.join(SCHEDULES[k])}`)" for k in tier.schedules]
+    lines += [
+        "",
+        "## What the runs say (computed)",
+        "",
+        *(verdicts or ["- no Sup-tickets run with its base run yet"]),
+    ]
+    lines += ["", "## Commands of every run", ""]
+    for s in specs:
+        state = "done" if loaded[s] is not None else "not run yet"
+        lines.append(f"- `{s.name}` ({state}): `OMP_NUM_THREADS=1 {shlex.join(s.command(tier))}`")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+NOTES = re.compile(r"<!-- NOTES -->.*?<!-- /NOTES -->", re.S)
+
+
+def write_doc(path: Path, body: str) -> None:
+    """Write ``body``; keep the hand-written block between the NOTES markers of the old file."""
+    old = path.read_text() if path.exists() else ""
+    kept = NOTES.search(old)
+    notes = kept.group(0) if kept else "<!-- NOTES -->\n<!-- /NOTES -->"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body + "\n## Notes\n\n" + notes + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tier", choices=list(TIERS), default="cpu")
+    ap.add_argument("--smoke", action="store_true", help="= --tier smoke")
+    ap.add_argument("--out", type=Path, default=None, help="runs folder (default runs/reproduce-<tier>)")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--aggregate-only", action="store_true", help="write the doc from finished runs")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = ap.parse_args()
+    tier_name = "smoke" if args.smoke else args.tier
+    tier = TIERS[tier_name]
+    out = (args.out or ROOT / "runs" / f"reproduce-{tier_name}").resolve()
+    specs = grid(tier, out)
+    if args.dry_run:
+        for s in specs:
+            print(shlex.join(s.command(tier)))
+        return
+    if not args.aggregate_only:
+        print(f"{len(specs)} runs, {args.jobs} at a time, into {out}", flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for status in pool.map(lambda s: execute(s, tier, args.threads), specs):
+                print(status, flush=True)
+    cmd = f"python bench/reproduce.py --tier {tier_name} --jobs {args.jobs}"
+    if args.out:
+        cmd += f" --out {args.out}"
+    write_doc(args.doc, aggregate(tier_name, tier, specs, cmd))
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Every benchmark script runs its ``--smoke`` mode end to end (so the scripts do not rot), and the
+reproduction study's aggregation computes what docs/RESULTS.md claims from summary.json files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run_script(*args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first_cell} ")
+    ]
+
+
+def positive(cell: str) -> float:
+    value = float(re.match(r"[-+]?[0-9.]+", cell).group(0))
+    assert value > 0, cell
+    return value
+
+
+def test_throughput_smoke():
+    out = run_script("bench/throughput.py", "--smoke")
+    rows = table_rows(out, "test_resnet")
+    assert len(rows) == 2, out  # CPU-time table and wall-time table
+    for row in rows:
+        plain, dense, sparse = positive(row[1]), positive(row[2]), positive(row[4])
+        assert float(row[3]) == pytest.approx(dense / plain, abs=2e-3)
+        assert float(row[5]) == pytest.approx(sparse / plain, abs=2e-3)
+
+
+def test_overhead_smoke():
+    out = run_script("bench/overhead.py", "--smoke")
+    rows = table_rows(out, "test_resnet")
+    assert len(rows) == 2, out
+    for row in rows:
+        dense = positive(row[1])
+        assert float(row[3]) == pytest.approx(positive(row[2]) / dense, abs=2e-3)
+        assert float(row[8]) == pytest.approx(positive(row[7]) / dense, abs=2e-3)  # WeightNormSparsifier
+
+
+def test_topology_cost_smoke():
+    out = run_script("bench/topology_cost.py", "--smoke")
+    rows = table_rows(out, "test_resnet")
+    assert [r[1] for r in rows] == ["rigl", "set"], out
+    for row in rows:
+        step, update = positive(row[2]), positive(row[3])
+        assert float(row[4].rstrip("%")) == pytest.approx(100 * update / (1000 * step), rel=0.02, abs=2e-3)
+
+
+def test_gpu_throughput_smoke_on_cpu():
+    out = run_script("bench/gpu_throughput.py", "--smoke")
+    rows = table_rows(out, "test_resnet") + table_rows(out, "test_vit")
+    assert len(rows) == 2, out
+    for row in rows:
+        assert float(row[6]) == pytest.approx(positive(row[5]) / positive(row[3]), abs=2e-3)
+
+
+@pytest.mark.slow
+def test_gpu_cifar_smoke_on_cpu(tmp_path):
+    out = run_script("bench/gpu_cifar.py", "--smoke", "--out", str(tmp_path))
+    assert "| RigL (base, whole budget) |" in out and "| RigL + Sup-tickets |" in out, out
+    summary = json.loads((tmp_path / "cycles3" / "summary.json").read_text())
+    assert summary["plan"]["num_cycles"] == 3 and "S_3" in summary["results"]
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_runs_the_cli_and_resumes(tmp_path):
+    doc = tmp_path / "RESULTS.md"
+    out = run_script("bench/reproduce.py", "--smoke", "--out", str(tmp_path / "runs"), "--doc", str(doc))
+    assert "rigl-base-s0: " in out and "FAILED" not in out, out
+    text = doc.read_text()
+    assert "| rigl | paper | 1/1 |" in text and "python train.py --config configs/tiny-test.yaml" in text
+    again = run_script("bench/reproduce.py", "--smoke", "--out", str(tmp_path / "runs"), "--doc", str(doc))
+    assert again.count("done earlier, skipped") == 2, again
+
+
+def _summary(path: Path, results: dict[str, float], cycles: int, wall: float) -> None:
+    path.mkdir(parents=True)
+    record = {k: {"accuracy": v, "loss": 1.0, "density": 0.1, "step": 10} for k, v in results.items()}
+    summary = {"results": record, "plan": {"num_cycles": cycles}}
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / "wall_time.json").write_text(json.dumps({"wall_s": wall, "threads": 1}))
+
+
+def test_reproduce_aggregation_pairs_seeds_and_keeps_notes(tmp_path):
+    import reproduce
+
+    tier = reproduce.Tier("test tier", "configs/tiny-test.yaml", 8, {"rigl": [0, 1]}, ("base", "paper"))
+    specs = reproduce.grid(tier, tmp_path)
+    _summary(tmp_path / "rigl-base-s0", {"final": 0.60}, 0, 100)
+    _summary(tmp_path / "rigl-base-s1", {"final": 0.64}, 0, 120)
+    _summary(tmp_path / "rigl-paper-s0", {"P": 0.58, "T_1": 0.59, "final": 0.63}, 1, 110)
+    _summary(tmp_path / "rigl-paper-s1", {"P": 0.60, "T_1": 0.62, "final": 0.65}, 1, 130)
+    body = reproduce.aggregate("test", tier, specs, "cmd")
+    # S_M 63, 65 -> 64.00 ± 1.41; base 60, 64 -> 62.00 ± 2.83; gains +3, +1 -> +2.00 ± 1.41
+    assert "| rigl | paper | 2/2 | 59.00 ± 1.41 | 60.50 ± 2.12 | 64.00 ± 1.41 | 62.00 ± 2.83 " in body
+    assert "| +2.00 ± 1.41 | 120 |" in body
+    assert "S_M beats the base run" in body
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("old\n<!-- NOTES -->\nhand-written\n<!-- /NOTES -->\n")
+    reproduce.write_doc(doc, body)
+    text = doc.read_text()
+    assert text.startswith("# Results") and "hand-written" in text and "old" not in text
+
+
+def test_resnet32_cifar_is_the_benchmark_model():
+    import torch
+
+    from sparse_sup.models import build_model, select_targets
+
+    model = build_model("resnet32_cifar", 10)
+    names = select_targets(model)
+    params = dict(model.named_parameters())
+    assert len(names) == 34  # stem, 30 block convs, 2 1x1 shortcuts, classifier
+    assert sum(params[n].numel() for n in names) == 464_432
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
