@@ -67,3 +67,26 @@ def test_deepspeed_bf16_masters(tmp_path, stage):
     )
     assert summary["parallelism"] == "deepspeed"
     assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_grad_norm", ["null", "1.0"])
+def test_fp16_loss_scaler_end_to_end(tmp_path, max_grad_norm):
+    """Accelerate creates a GradScaler for fp16 on a GPU: the step must let it decide on overflow
+    (early fp16 steps overflow) and clip after exactly one unscale."""
+    run_dir = tmp_path / "fp16"
+    summary = _run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/tiny-test.yaml",
+            "--train.precision=fp16",
+            f"--optim.max_grad_norm={max_grad_norm}",
+            "--schedule.epochs=3",
+            f"--experiment.output_dir={run_dir}",
+        ],
+        run_dir,
+    )
+    assert summary["steps_completed"] == summary["plan"]["total_steps"]
+    assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
