@@ -77,15 +77,22 @@ class MaskState:
     def total_active(self) -> int:
         return sum(self.counts.values())
 
+    def _partial(self, targets: Sequence[Target]) -> list[Target]:
+        """Targets whose mask is not all ones (global count < numel): only these need masking, so a
+        dense layer (ERK often leaves the stem and classifier dense) or a density-1.0 run costs no
+        pass over its tensors. Relies on ``counts`` being current, as ``recount`` keeps it."""
+        return [t for t in targets if self.counts[t.name] < t.numel]
+
     def apply_to_weights(self, targets: Sequence[Target]) -> None:
+        targets = self._partial(targets)
         zero_outside([t.param for t in targets], [self.masks[t.name] for t in targets])
 
     def apply_to_grads(self, targets: Sequence[Target]) -> None:
-        pairs = [(g, self.masks[t.name]) for t in targets if (g := t.grad()) is not None]
+        pairs = [(g, self.masks[t.name]) for t in self._partial(targets) if (g := t.grad()) is not None]
         zero_outside([g for g, _ in pairs], [m for _, m in pairs])
 
     def apply_to_optimizer_states(self, targets: Sequence[Target]) -> None:
-        pairs = [(s, self.masks[t.name]) for t in targets for s in t.optimizer_states()]
+        pairs = [(s, self.masks[t.name]) for t in self._partial(targets) for s in t.optimizer_states()]
         zero_outside([s for s, _ in pairs], [m for _, m in pairs])
 
     def apply(self, targets: Sequence[Target]) -> None:
