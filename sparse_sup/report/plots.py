@@ -112,12 +112,56 @@ def plot_lr(run: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_loss_accuracy(run: RunData, path: Path) -> Path | None:
-    train = run.events("train")
+def _accuracy_points(ax, run: RunData, labels: bool) -> None:
+    """Periodic evaluations, P, every T_i and S_i (test accuracy in %), optionally labelled."""
     evals = run.evals()
-    if not train and not evals:
+    periodic = sorted((r["step"], 100 * r["accuracy"]) for k, r in evals.items() if k.startswith("step_"))
+    if periodic:
+        ax.plot(*zip(*periodic), "o-", color="#999999", ms=3, lw=1, label="periodic evaluation")
+    if "P" in evals:
+        p = evals["P"]
+        ax.plot(p["step"], 100 * p["accuracy"], "*", color=COLORS["P"], ms=14, label="P")
+        if labels:
+            ax.annotate(
+                f"P {100 * p['accuracy']:.1f}%",
+                (p["step"], 100 * p["accuracy"]),
+                xytext=(0, 11),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+                color=COLORS["P"],
+            )
+    for kind, marker, dy in (("T", "o", -14), ("S", "D", 9)):  # T_i below its point, S_i above
+        points = run.tickets(kind)
+        if not points:
+            continue
+        steps = [r["step"] for _, r in points]
+        accs = [100 * r["accuracy"] for _, r in points]
+        ax.plot(steps, accs, marker, color=COLORS[kind], ms=8, label=f"{kind}_i")
+        if labels:
+            for (i, _), x, y in zip(points, steps, accs):
+                ax.annotate(
+                    f"{kind}_{i} {y:.1f}%",
+                    (x, y),
+                    xytext=(0, dy),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=8,
+                    color=COLORS[kind],
+                )
+
+
+def plot_loss_accuracy(run: RunData, path: Path) -> Path | None:
+    """Loss over the run (top); test accuracy over the run (bottom left) and, zoomed on the
+    cycles where the tickets are taken, P, every T_i and every S_i with their accuracy."""
+    train = run.events("train")
+    if not train and not run.evals():
         return None
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=TALL, sharex=True, layout="constrained")
+    fig = plt.figure(figsize=TALL, layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=(3, 2))
+    top = fig.add_subplot(grid[0, :])
+    whole = fig.add_subplot(grid[1, 0], sharex=top)
+    zoom = fig.add_subplot(grid[1, 1])
     _phases(top, run)
     if train:
         top.plot(
@@ -129,49 +173,31 @@ def plot_loss_accuracy(run: RunData, path: Path) -> Path | None:
         )
     top.set_ylabel("training loss\n(mean over the log window)")
     top.set_title(f"{run.name}: loss and test accuracy; P, every ticket T_i and every superposition S_i")
+    top.set_xlim(0, _end_step(run))
     _legend(top)
 
-    _phases(bottom, run, label_tickets=False, in_legend=False)
-    periodic = sorted((r["step"], 100 * r["accuracy"]) for k, r in evals.items() if k.startswith("step_"))
-    if periodic:
-        bottom.plot(*zip(*periodic), "o-", color="#999999", ms=3, lw=1, label="periodic evaluation")
-    if "P" in evals:
-        p = evals["P"]
-        bottom.plot(p["step"], 100 * p["accuracy"], "*", color=COLORS["P"], ms=14, label="P")
-    for kind, marker, dx in (("T", "o", -6), ("S", "D", 6)):
-        points = run.tickets(kind)
-        if not points:
-            continue
-        steps = [r["step"] for _, r in points]
-        accs = [100 * r["accuracy"] for _, r in points]
-        bottom.plot(steps, accs, marker, color=COLORS[kind], ms=8, label=f"{kind}_i")
-        for (i, _), x, y in zip(points, steps, accs):
-            bottom.annotate(
-                f"{kind}_{i} {y:.1f}%",
-                (x, y),
-                xytext=(dx, 8 if kind == "S" else -12),
-                textcoords="offset points",
-                ha="left" if dx > 0 else "right",
-                fontsize=8,
-                color=COLORS[kind],
-            )
-    if "P" in evals:
-        p = evals["P"]
-        bottom.annotate(
-            f"P {100 * p['accuracy']:.1f}%",
-            (p["step"], 100 * p["accuracy"]),
-            xytext=(-8, 8),
-            textcoords="offset points",
-            ha="right",
-            fontsize=8,
-            color=COLORS["P"],
-        )
-    bottom.set_xlabel("optimizer step")
-    bottom.set_ylabel("test accuracy (%)")
-    bottom.margins(y=0.25)
-    end = _end_step(run)
-    bottom.set_xlim(0, end * 1.06 if end else None)  # room for the labels of the last points
-    _legend(bottom)
+    _phases(whole, run, label_tickets=False, in_legend=False)
+    _accuracy_points(whole, run, labels=False)
+    whole.set_xlabel("optimizer step")
+    whole.set_ylabel("test accuracy (%)")
+    whole.margins(y=0.2)
+    if whole.get_legend_handles_labels()[0]:
+        whole.legend(fontsize=8, loc="best")
+
+    _phases(zoom, run, label_tickets=False, in_legend=False)
+    _accuracy_points(zoom, run, labels=True)
+    cycles, end = run.cycles(), _end_step(run)
+    if cycles and end:
+        width = cycles[0][1] - cycles[0][0]
+        lo, hi = cycles[0][0] - 0.8 * width, end + 0.5 * width
+        zoom.set_xlim(lo, hi)
+        shown = [100 * r["accuracy"] for r in run.evals().values() if lo <= r["step"] <= hi]
+        if shown:  # the zoom's own accuracy range, with room for the labels
+            pad = max(0.5, 0.35 * (max(shown) - min(shown)))
+            zoom.set_ylim(min(shown) - pad, max(shown) + pad)
+    zoom.set_xlabel("optimizer step")
+    zoom.set_ylabel("test accuracy (%)")
+    zoom.set_title("zoom on the ticket cycles", fontsize=10)
     return _save(fig, path)
 
 

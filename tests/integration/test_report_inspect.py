@@ -87,6 +87,9 @@ def test_tensorboard_events_hold_the_run(run_dir):
     assert 0.1 < rates[0] < rates[-1] <= 1.0
     changes = [e.value for e in acc.Scalars("topology/update_mask_change")]
     assert len(changes) == 5 and all(0 < c <= 0.5 for c in changes), changes  # drop fraction 0.5
+    # at the first update every weight that entered the mask is new: ever active = active + entered
+    initial = next(r for r in records if r["event"] == "masks")["density"]
+    assert rates[0] == pytest.approx(initial * (1 + changes[0]), rel=1e-5)
 
 
 def test_pngs_load_with_expected_sizes(run_dir):
