@@ -23,7 +23,7 @@ CAPTIONS = {
 
 def results_table(run: RunData) -> str:
     """Every evaluated model (P, T_i, S_i, final), with the change against P."""
-    rows = ["| model | accuracy | vs P | loss | density | step |", "|---|---|---|---|---|---|"]
+    rows = ["| model | accuracy | vs P (points) | loss | density | step |", "|---|---|---|---|---|---|"]
     if run.summary:  # includes the final model's evaluation
         evals = run.summary["results"]
     else:
@@ -95,7 +95,7 @@ def write_report(run_dir: str | Path, command: list[str] | None = None) -> Path:
         lines += [
             f"{s['model']}, {s['method']}, density {s['density']}, {plan['num_cycles']} tickets "
             f"({100 * plan['cycles_fraction']:.0f}% of {plan['total_steps']} steps in cycles), "
-            f"{s['parallelism']} over world size {s['world_size']}; {s['steps_completed']} steps completed"
+            f"{s['parallelism']} over {s['world_size']} process(es); {s['steps_completed']} steps completed"
             + (f", {s['skipped_steps']} skipped" if s.get("skipped_steps") else "")
             + ".",
             "",
