@@ -148,9 +148,17 @@ class RunSpec:
             *SCHEDULES[self.schedule],
             f"--experiment.seed={self.seed}",
             f"--experiment.name={self.name}",
-            f"--experiment.output_dir={self.dir}",
+            f"--experiment.output_dir={_shown(self.dir)}",
         ]
         return [*cmd, "--experiment.overwrite=true"] if overwrite else cmd
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (commands run from there)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def grid(tier: Tier, out: Path) -> list[RunSpec]:
@@ -284,7 +292,7 @@ def aggregate(tier_name: str, tier: Tier, specs: list[RunSpec], command_line: st
     ]
     lines += ["", "## Commands of every run", ""]
     for s in specs:
-        state = "done" if loaded[s] is not None else "not run yet"
+        state = "done" if loaded[s] is not None else "not finished"
         lines.append(f"- `{s.name}` ({state}): `OMP_NUM_THREADS=1 {shlex.join(s.command(tier))}`")
     return "\n".join(lines) + "\n"
 
