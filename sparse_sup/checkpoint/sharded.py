@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..train.progress import progress
+from ..progress import progress
 from .files import _atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..core.collectives import Collectives
 from ..data import EvalShardSampler, make_loader, mix32, recalibration_epoch
-from .progress import progress
+from ..progress import progress
 
 
 @torch.no_grad()

@@ -14,15 +14,16 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..backends import StepOptions, build_backend
+from ..backends.buffers import sync_buffers
 from ..checkpoint import export_safetensors
 from ..checkpoint.run_state import load_run_checkpoint, save_run_checkpoint
 from ..checkpoint.tickets import save_model_checkpoint
 from ..config import config_to_dict
 from ..data import GlobalBatchSampler, make_loader
 from ..engine import EngineHooks, SupTicketsEngine
+from ..progress import progress_enabled
 from .logs import MetricsWriter, setup_logging, truncate_metrics
 from .model_ops import evaluate_model, recalibrate_model_bn
-from .progress import progress_enabled
 from .setup import Prepared
 from .tracking import MaskHistory, layer_densities, schedule_record, topology_record
 from .wrap import wrap_model
@@ -144,6 +145,10 @@ class Run:
 
     def save_checkpoint(self) -> None:
         """Collective: model + optimizer (the engine's format) and this rank's sparse state."""
+        # replicated buffers are saved once (DCP de-duplicates them), so make them equal first: each
+        # DDP/FSDP2 rank tracked BN statistics of its own micro-batches (the update is linear, so
+        # averaging now or before the next evaluation gives the same statistics)
+        sync_buffers(self.module, self.backend.data_parallel)
         state = {
             "engine": self.engine.state_dict(),
             "mask_history": self.mask_history.state_dict(),

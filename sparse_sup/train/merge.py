@@ -23,6 +23,7 @@ from ..backends import build_backend
 from ..checkpoint import CheckpointError, export_safetensors, read_manifest, verify_sharded
 from ..checkpoint.tickets import load_model_checkpoint, save_model_checkpoint
 from ..config import Config, ConfigError
+from ..progress import progress
 from ..tickets import SuperpositionChain
 from .model_ops import evaluate_model, recalibrate_model_bn
 from .setup import Prepared
@@ -89,7 +90,7 @@ class Merge:
         t, density = self.p.config.tickets, self.p.config.sparse.density
         keep = int(density * sum(x.numel for x in self.targets))  # floor(d * N), as in the run
         chain = SuperpositionChain(t.merge, t.ema_ticket_weight)
-        for i, path in enumerate(self.sources):
+        for i, path in enumerate(progress(self.sources, desc="superpose", unit="ticket")):
             load_model_checkpoint(path, self.backend, self.p.target_names)
             chain.merge(self.backend.state_tensors())
             is_ticket = path != self.phase1

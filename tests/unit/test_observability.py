@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from sparse_sup import progress
 from sparse_sup.backends import LocalBackend
 from sparse_sup.checkpoint import export_safetensors, save_model_snapshot
 from sparse_sup.cli import _route, main
 from sparse_sup.config import load_config, resolve_plan
 from sparse_sup.engine import EngineHooks, SupTicketsEngine
 from sparse_sup.report.describe import describe
-from sparse_sup.train import progress
 from sparse_sup.train.logs import tracker_scalars
 from sparse_sup.train.tracking import MaskHistory, resolve_report_to, topology_record
 
