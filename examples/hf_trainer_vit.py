@@ -65,19 +65,19 @@ def main() -> None:
     parser = HfArgumentParser((TrainingArguments, SparsityArguments, ModelArguments))
     parser.set_defaults(  # CPU-sized defaults; any of them can be overridden on the command line
         output_dir="runs/hf-trainer-vit",
-        num_train_epochs=4,
-        per_device_train_batch_size=64,
+        num_train_epochs=3,
+        per_device_train_batch_size=128,
         per_device_eval_batch_size=256,
         learning_rate=2e-3,
         weight_decay=0.05,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
-        logging_steps=50,
+        logging_steps=25,
         save_strategy="no",
         report_to="none",
         remove_unused_columns=False,  # the transform needs the "image" column
         sparse_density=0.2,
-        sparse_update_interval=50,
+        sparse_update_interval=25,
         tickets_num_cycles=2,
         tickets_cycles_fraction=0.15,
         tickets_lr_low=1e-4,

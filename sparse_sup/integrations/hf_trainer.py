@@ -16,6 +16,7 @@ logging, checkpoints); the ``SupTicketsEngine`` runs around its optimizer step e
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -253,6 +254,7 @@ class SupTicketsTrainer(Trainer):
         """After the Trainer's real ``optimizer.step()``: enforce masks, count the step if applied."""
         optimizer, original = self.optimizer, self.optimizer.step
 
+        @functools.wraps(original)  # keeps the LR scheduler's marker on the step it wrapped
         def step(*args, **kwargs):
             result = original(*args, **kwargs)
             skipped = bool(self.accelerator.optimizer_step_was_skipped)

@@ -37,6 +37,7 @@ DEFAULTS = dict(
     density=0.2,
     update_interval=4,
     lr=0.05,
+    optim=None,  # default: sgd (momentum 0.9) for the ResNets, adamw_torch otherwise
     deepspeed=None,  # None | 2 | 3
     fsdp=False,  # the Trainer's fsdp= option with FSDP2 (GPUs only)
     save_steps=None,
@@ -201,7 +202,11 @@ def run(**overrides) -> dict:
     extra = {}
     if c["deepspeed"]:
         extra["deepspeed"] = {
-            "zero_optimization": {"stage": c["deepspeed"], "stage3_param_persistence_threshold": 0},
+            "zero_optimization": {
+                "stage": c["deepspeed"],
+                "stage3_param_persistence_threshold": 0,
+                "stage3_gather_16bit_weights_on_model_save": True,  # save_model() writes S_M whole
+            },
             "train_micro_batch_size_per_gpu": "auto",
             "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto",
@@ -225,7 +230,8 @@ def run(**overrides) -> dict:
         max_steps=c["max_steps"],
         learning_rate=c["lr"],
         lr_scheduler_type="linear",
-        optim="sgd" if c["model"] == "resnet" else "adamw_torch",
+        optim=c["optim"] or ("sgd" if c["model"] == "resnet" else "adamw_torch"),
+        optim_args="momentum=0.9",
         weight_decay=0.01,
         max_grad_norm=1.0,
         seed=c["seed"],
