@@ -267,20 +267,11 @@ def run(**overrides) -> dict:
     metrics = trainer.evaluate()
     final_dir = Path(c["output_dir"]) / "final"
     trainer.save_model(str(final_dir))
-    reloaded = None
-    if trainer.args.process_index == 0:  # what save_model() wrote, loaded back as a user would
-        if hasattr(model, "from_pretrained"):
-            reloaded = type(model).from_pretrained(str(final_dir)).state_dict()
-        else:
-            from safetensors.torch import load_file
-
-            reloaded = load_file(str(final_dir / "model.safetensors"))
     result = {
         "initial_masks": checker.initial,
         "steps": checker.steps,
         "final_masks": {k: v.clone().cpu() for k, v in backend.full_masks(engine.masks.masks).items()},
         "final_state": {k: v.detach().clone().cpu() for k, v in backend.full_state().items()},
-        "reloaded_state": reloaded,
         "summary": trainer.sup_tickets_summary(),
         "table": trainer.sup_tickets_table()
         if trainer.sparse_results.get("final", {}).get("accuracy") is not None
