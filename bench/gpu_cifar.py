@@ -8,7 +8,7 @@ tensors of the training, BN-recalibration and test sets are moved to the GPU, so
 flip and normalisation run there and no batch crosses PCIe. Prints each run's result table, its
 wall time and optimizer steps per second.
 
-Usage (GPU): python bench/gpu_cifar.py [--data ../shared/data/cifar10] [--epochs 15] [--batch 256]
+Usage (GPU): python bench/gpu_cifar.py [--data ../shared/data/cifar10] [--epochs 20] [--batch 256]
 CPU check that the script runs (tiny test model, 256 bundled images): python bench/gpu_cifar.py --smoke
 """
 
@@ -61,7 +61,7 @@ def train_once(overrides: list[str], out: Path, device: torch.device, precision:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
-    ap.add_argument("--epochs", type=float, default=15)
+    ap.add_argument("--epochs", type=float, default=20)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--update-interval", type=int, default=100)

@@ -22,8 +22,9 @@ Models: ``resnet18`` (CIFAR stem), ``resnet50`` (CIFAR stem, the CIFAR recipe's 
 ``vit_tiny`` (patch 4 at 32x32: 64 tokens). Every variant has its own model built from the same
 seed. Other processes may share the CPU, so the variants run side by side: 2 warm-up steps each,
 then ``--rounds`` rounds in which each variant (rotating order) runs ``--steps`` steps; the table
-shows the median over rounds of the mean step time, in CPU seconds of the (single-threaded) process -- robust to other processes on
-a shared machine -- and in wall seconds. Goal: sparse_sup ratio to dense <= 1.03.
+shows the median over rounds of the mean step time, in CPU seconds of the (single-threaded)
+process -- robust to other processes on a shared machine -- and in wall seconds.
+Goal: sparse_sup ratio to dense <= 1.03.
 
 Usage: python bench/overhead.py [--models resnet18 resnet50 vit_tiny] [--rounds 5] [--steps 3]
        [--batch 64] [--threads 1] [--profile] [--smoke]

@@ -22,12 +22,12 @@ A loop's *window* is the wall time (and the CPU time of its thread: with one tor
 runs in the calling thread, so this clock ignores other processes on a shared machine) from the
 start of one step to the start of the step ``--steps`` later, which includes everything the loop
 does between steps (logging, metrics, progress). After ``--warmup`` windows each, ``--rounds``
-rounds give every loop one window, in rotating order; the tables show the median over rounds. Evaluation of the 2k test images (``Run.evaluate`` vs a plain
-``no_grad`` loop) is timed the same way afterwards; "per step with eval" adds one evaluation per
-epoch (78 steps) to the step time.
+rounds give every loop one window, in rotating order; the tables show the median over rounds.
+Evaluation of the 2k test images (``Run.evaluate`` vs a plain ``no_grad`` loop) is timed the same
+way afterwards; "per step with eval" adds one evaluation per epoch (78 steps) to the step time.
 
-``--profile`` runs cProfile over the sparse_sup sparse loop and the plain loop and prints the
-functions whose cumulative time differs the most.
+``--profile`` runs cProfile over the sparse_sup sparse loop and the plain loop (top functions by own
+time); ``--breakdown`` times each piece of work the sparse_sup step adds (CPU ms per call).
 
 Usage: python bench/throughput.py [--models resnet32_cifar resnet18 vit_tiny] [--rounds 7]
        [--steps 4] [--batch 128] [--profile] [--smoke]
@@ -313,6 +313,44 @@ def measure(model: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[s
     return out
 
 
+def _pieces(run_, batch: int) -> tuple[torch.optim.Optimizer, dict[str, Callable[[], object]]]:
+    """The optimizer and the per-step pieces of work of a started ``Run`` (after one backward)."""
+    engine, opt = run_.engine, run_.backend._step.optimizer
+    keys = [(0, i) for i in range(batch)]
+    images, labels = run_.p.train_set.get_batch(keys)
+    F.cross_entropy(run_.model(images), labels).backward()
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    return opt, {
+        "data: keys + get_batch (crop, flip, normalise)": lambda: run_.p.train_set.get_batch(keys),
+        "engine.lr + phase (LR of the step, progress)": lambda: (engine.lr(), engine.phase()),
+        "masks on gradients (before the step)": lambda: engine.masks.apply_to_grads(engine.targets),
+        "non-finite check (foreach_norm)": lambda: run_.backend._step._grads_finite(params),
+        "masks on weights + momentum (after the step)": lambda: engine.masks.apply(engine.targets),
+        "density for the log line": lambda: engine.masks.density(engine.targets),
+        "SGD step (both loops)": opt.step,
+    }
+
+
+def breakdown(model: str, args: argparse.Namespace, tmp: Path) -> None:
+    """CPU milliseconds of each piece of work the sparse_sup step adds to a plain step, per step."""
+    print(f"\n### Per-step work sparse_sup adds, {model} (CPU ms of one call, median of {args.reps})\n")
+    print("| piece | density 1.0 | RigL density 0.1 |\n|---|---|---|")
+    results: dict[str, dict[float, float]] = {}
+    for density in (1.0, 0.1):
+        run_ = sparse_sup_run(model, density, args.batch, tmp / f"{model}-bd-{density}", args.extra)
+        logging.getLogger("sparse_sup").setLevel(logging.WARNING)
+        opt, pieces = _pieces(run_, args.batch)
+        for name, fn in pieces.items():
+            times = []
+            for _ in range(args.reps):
+                c0 = time.thread_time()
+                fn()
+                times.append(time.thread_time() - c0)
+            results.setdefault(name, {})[density] = 1e3 * statistics.median(times)
+    for name, r in results.items():
+        print(f"| {name} | {r[1.0]:.2f} | {r[0.1]:.2f} |")
+
+
 def profile(model: str, args: argparse.Namespace, tmp: Path) -> None:
     """cProfile of ``--steps * --rounds`` steps of the sparse loop and of the plain loop."""
     run_ = sparse_sup_run(model, 0.1, args.batch, tmp / f"{model}-profile", args.extra)
@@ -363,6 +401,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="CPU ms of each piece sparse_sup adds")
+    ap.add_argument("--reps", type=int, default=20, help="calls per piece for --breakdown")
     ap.add_argument("--extra", nargs="*", default=[], help="more config overrides for the sparse_sup runs")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on timm's test_resnet")
     args = ap.parse_args()
@@ -374,13 +414,15 @@ def main() -> None:
     print(
         f"# bench/throughput.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, {args.rounds} rounds x "
-        f"{args.steps} steps (median over rounds), {load_line()} at start\n",
+        f"{args.steps} steps (median over rounds), {load_line()} at start"
+        + (f", sparse_sup overrides {' '.join(args.extra)}" if args.extra else "")
+        + "\n",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        if args.profile:
+        if args.profile or args.breakdown:
             for model in args.models:
-                profile(model, args, Path(tmp))
+                (profile if args.profile else breakdown)(model, args, Path(tmp))
             return
         rows = []
         for model in args.models:
