@@ -118,9 +118,11 @@ class Recorder(EngineHooks):
 
 
 class ToyRun:
-    def __init__(self, mode: str, method: str, world: int, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, mode: str, method: str, world: int, dtype: torch.dtype = torch.float64, accum: int = 1
+    ) -> None:
         torch.set_default_dtype(dtype)  # DeepSpeed keeps fp32 masters: its runs compare in float32
-        self.mode, self.world = mode, world
+        self.mode, self.world, self.accum = mode, world, accum
         self.rank = int(os.environ.get("RANK", 0))
         self.train_data, self.test_data = make_data()
         torch.manual_seed(0)
@@ -146,8 +148,8 @@ class ToyRun:
 
                 ds_config = {
                     "train_batch_size": BATCH,
-                    "train_micro_batch_size_per_gpu": BATCH // world,
-                    "gradient_accumulation_steps": 1,
+                    "train_micro_batch_size_per_gpu": BATCH // (world * accum),
+                    "gradient_accumulation_steps": accum,
                     "zero_allow_untested_optimizer": True,
                     "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0},
                     "steps_per_print": 10**9,
@@ -236,31 +238,31 @@ class ToyRun:
         return {"accuracy": self.accuracy(), "state": self.full_state(), "world": self.world}
 
     def train(self):
+        """Every optimizer step through the backend's own step protocol (gradient sync, backward,
+        optimizer step: the training loop's code path): the reference processes all
+        ``world * accum`` micro-batches of a global batch, rank r its slices ``r * accum + a``."""
         self.engine.init_masks()
         self.events.append((0, "init", self.full_masks(self.engine.masks.masks)))
         sampler = GlobalBatchSampler(NUM_TRAIN, BATCH, 1, 0, 1, seed=3)
-        micro = BATCH // self.world
-        slices = range(self.world) if self.mode == "reference" else [self.rank]
+        parts = self.world * self.accum
+        micro = BATCH // parts
+        slices = (
+            range(parts)
+            if self.mode == "reference"
+            else range(self.rank * self.accum, (self.rank + 1) * self.accum)
+        )
+        backend = self.backend
         while self.engine.step < self.plan.total_steps:
             epoch, step = divmod(self.engine.step, self.plan.steps_per_epoch)
             batch = sampler.global_batch(epoch, step)
-            if self.mode.startswith("zero"):  # the sparse engine runs inside DeepSpeed's step
-                idx = torch.tensor(batch[self.rank * micro : (self.rank + 1) * micro])
-                loss = F.cross_entropy(self.model(self.train_data.x[idx]), self.train_data.y[idx])
-                self.model.backward(loss)
-                self.model.step()
+            for i, s in enumerate(slices):
+                idx = torch.tensor(batch[s * micro : (s + 1) * micro])
+                with backend.gradient_sync(i == len(slices) - 1):
+                    loss = F.cross_entropy(backend.model(self.train_data.x[idx]), self.train_data.y[idx])
+                    backend.backward(loss, len(slices))
+            assert backend.optimizer_step()
+            if self.mode.startswith("zero"):
                 self.check_deepspeed_masks()
-                continue
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.engine.lr()
-            self.optimizer.zero_grad(set_to_none=True)
-            for r in slices:
-                idx = torch.tensor(batch[r * micro : (r + 1) * micro])
-                loss = F.cross_entropy(self.model(self.train_data.x[idx]), self.train_data.y[idx])
-                (loss / len(slices)).backward()
-            self.engine.before_optimizer_step()
-            self.optimizer.step()
-            self.engine.after_optimizer_step()
         return {
             "events": self.events,
             "superposed": self.superposed,
@@ -268,6 +270,7 @@ class ToyRun:
             "step": self.engine.step,
             "world": self.world,
             "checked_steps": self.checked_steps,
+            "deepspeed_global_steps": getattr(self.model, "global_steps", None),
         }
 
 
@@ -281,17 +284,18 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--bn-eval", action="store_true", help="only recalibrate BN and evaluate")
+    parser.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per rank")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dtype = torch.float32 if args.float32 else torch.float64
     if args.mode == "reference":
-        run = ToyRun("reference", args.method, args.world, dtype)
+        run = ToyRun("reference", args.method, args.world, dtype, args.accum)
         torch.save(run.recalibrate_and_evaluate() if args.bn_eval else run.train(), args.out)
         return
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    run = ToyRun(args.mode, args.method, dist.get_world_size(), dtype)
+    run = ToyRun(args.mode, args.method, dist.get_world_size(), dtype, args.accum)
     result = run.recalibrate_and_evaluate() if args.bn_eval else run.train()
     if dist.get_rank() == 0:
         torch.save(result, args.out)

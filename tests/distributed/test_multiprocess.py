@@ -46,35 +46,46 @@ def references(tmp_path_factory):
     """Single-process references, keyed by (method, world): one per slicing of the global batch."""
     cache = {}
 
-    def get(method: str, world: int, dtype: torch.dtype = torch.float64) -> dict:
-        if (method, world, dtype) not in cache:
-            cache[method, world, dtype] = equivalence_worker.ToyRun("reference", method, world, dtype).train()
-        return cache[method, world, dtype]
+    def get(method: str, world: int, dtype: torch.dtype = torch.float64, accum: int = 1) -> dict:
+        key = (method, world, dtype, accum)
+        if key not in cache:
+            cache[key] = equivalence_worker.ToyRun("reference", method, world, dtype, accum).train()
+        return cache[key]
 
     yield get
     torch.set_default_dtype(torch.float32)
 
 
 @pytest.mark.parametrize(
-    "mode, world, method",
+    "mode, world, method, accum",
     [
-        ("ddp", 2, "rigl"),
-        ("fsdp2", 2, "granet"),
-        ("ddp", 4, "set"),
-        ("fsdp2", 4, "rigl"),
-        ("fsdp2", 3, "granet"),
+        ("ddp", 2, "rigl", 2),  # 2 micro-batches per rank and step: DDP's no_sync, then the sync
+        ("fsdp2", 2, "granet", 2),  # FSDP2 reduce-scatters on the last micro-batch only
+        ("ddp", 4, "set", 1),
+        ("fsdp2", 4, "rigl", 1),
+        ("fsdp2", 3, "granet", 1),
     ],
 )
-def test_run_matches_single_process_reference(tmp_path, references, mode, world, method):
+def test_run_matches_single_process_reference(tmp_path, references, mode, world, method, accum):
     out = tmp_path / "result.pt"
-    torchrun(world, "equivalence_worker.py", "--mode", mode, "--method", method, "--out", str(out))
+    args = ["--mode", mode, "--method", method, "--accum", str(accum), "--out", str(out)]
+    torchrun(world, "equivalence_worker.py", *args)
     got = torch.load(out, weights_only=False)
-    ref = references(method, world)
+    ref = references(method, world, torch.float64, accum)
     compare_runs(got, ref, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("stage, method, atol", [(1, "rigl", 1e-6), (2, "granet", 1e-6), (3, "rigl", 1e-3)])
-def test_deepspeed_zero_matches_single_process_reference(tmp_path, references, stage, method, atol):
+@pytest.mark.parametrize(
+    "stage, method, atol, accum",
+    [
+        (1, "rigl", 1e-6, 1),
+        (2, "granet", 1e-6, 1),
+        (3, "rigl", 1e-3, 1),
+        (2, "rigl", 1e-6, 2),
+        (3, "granet", 1e-3, 2),
+    ],
+)
+def test_deepspeed_zero_matches_single_process_reference(tmp_path, references, stage, method, atol, accum):
     """Real DeepSpeed, 2 processes, fp32 masters (so the reference runs in float32). ZeRO-3's
     weights differ by fp32 rounding from the first step (~4e-9) and drift to ~2e-4 over 24 steps at
     lr 0.1; masks must still be identical at every update."""
@@ -87,12 +98,15 @@ def test_deepspeed_zero_matches_single_process_reference(tmp_path, references, s
         "--method",
         method,
         "--float32",
+        "--accum",
+        str(accum),
         "--out",
         str(out),
     )
     got = torch.load(out, weights_only=False)
     assert got["checked_steps"] == 24  # masked fp32 master, model weights and optimizer state zero
-    compare_runs(got, references(method, 2, torch.float32), rtol=1e-5, atol=atol)
+    assert got["deepspeed_global_steps"] == 24  # with accumulation: one step per 2 micro-batches
+    compare_runs(got, references(method, 2, torch.float32, accum), rtol=1e-5, atol=atol)
 
 
 def compare_runs(got: dict, ref: dict, rtol: float, atol: float) -> None:
