@@ -330,14 +330,19 @@ class SupTicketsEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore after ``init_masks()`` on the same model, engine and world size."""
+        """Restore on the same model, engine and world size (with or without ``init_masks()``
+        first: the saved masks replace any initial ones; the weights are left as they are)."""
         names = [t.name for t in self.targets]
         if state["targets"] != names:
             raise ValueError(
                 f"checkpoint targets {state['targets'][:3]}... differ from this model's {names[:3]}...; "
                 "resume with the same model and sparse.include/exclude"
             )
-        self.masks.load_state_dict(state["masks"])
+        if self.masks is None:
+            saved = state["masks"]["masks"]
+            self.masks = MaskState({n: saved[n].clone() for n in names}, self.backend.shard)
+        else:
+            self.masks.load_state_dict(state["masks"])
         self.step, self.num_tickets = state["step"], state["num_tickets"]
         self.chain = None
         if state["chain"] is not None:

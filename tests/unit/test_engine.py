@@ -408,3 +408,38 @@ def _compare_compiled(overrides, x, y, eager, base, compiled) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really ran compiled
     for n in MLP_NAMES:  # masked weights of the compiled model are zero too
         assert bool((base.get_parameter(n)[~e_comp.masks.masks[n]] == 0).all())
+
+
+def test_state_dict_round_trip_with_and_without_init_masks():
+    """The engine's state (counters, masks, chain keyed by name) restores into a fresh engine,
+    whether or not that engine drew initial masks first."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    overrides = ["--sparse.update_interval=2", "--schedule.epochs=1", "--schedule.batch_size=16"]
+    overrides.append("--tickets.num_cycles=1")
+    engine = make_engine([*overrides, "--tickets.cycles_fraction=0.5"], model, opt, SmallCNN.TARGETS, 8 * 16)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(6):  # phase 1 ends at step 4: the chain holds P
+        x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        engine.before_optimizer_step()
+        opt.step()
+        engine.after_optimizer_step()
+        opt.zero_grad()
+    state = engine.state_dict()
+    assert state["step"] == 6 and state["chain"] is not None
+    for init_first in (True, False):
+        copy_model = copy.deepcopy(model)
+        copy_opt = torch.optim.SGD(copy_model.parameters(), lr=0.1)
+        cfg = load_config(None, [*overrides, "--tickets.cycles_fraction=0.5"])
+        other = SupTicketsEngine.from_config(
+            cfg, resolve_plan(cfg, 8 * 16), LocalBackend(copy_model, copy_opt, SmallCNN.TARGETS)
+        )
+        if init_first:
+            other.init_masks()
+        other.load_state_dict(state)
+        assert other.step == 6 and same_masks(masks_of(other), masks_of(engine))
+        assert other.masks.counts == engine.masks.counts
+        assert other.chain.num_merged == engine.chain.num_merged
+        assert all(torch.equal(other.chain.tensors[n], t) for n, t in engine.chain.tensors.items())
