@@ -26,7 +26,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..backends import build_backend
-from ..checkpoint import atomic_torch_save, load_verified, save_model_snapshot
+from ..checkpoint import atomic_torch_save, load_verified
+from ..checkpoint.tickets import save_model_checkpoint
 from ..core.masks import MaskState
 from ..engine import EngineHooks, SupTicketsEngine
 from ..models import select_targets
@@ -101,10 +102,10 @@ class _Hooks(EngineHooks):
         self.trainer = trainer
 
     def on_phase1_end(self, engine: SupTicketsEngine) -> None:
-        self.trainer._record("P")
+        self.trainer._record("P", snapshot="P")
 
     def on_ticket(self, engine: SupTicketsEngine, index: int) -> None:
-        self.trainer._record(f"T_{index + 1}", snapshot=f"ticket_{index + 1}.pt")
+        self.trainer._record(f"T_{index + 1}", snapshot=f"T_{index + 1}")
 
     def recalibrate_bn(self, engine: SupTicketsEngine) -> None:
         self.trainer._recalibrate_bn(counter=engine.num_tickets)
@@ -113,12 +114,12 @@ class _Hooks(EngineHooks):
         if engine.chain.masks:  # re-pruned S_i
             self.trainer._record(
                 f"S_{index + 1}",
-                snapshot=f"superposed_{index + 1}.pt",
+                snapshot=f"S_{index + 1}",
                 masks=engine.chain.masks,
                 density=engine.chain_density(),
             )
         else:  # re-prune deferred to the end: S_i is the union of the tickets' supports
-            self.trainer._record(f"S_{index + 1}", snapshot=f"superposed_{index + 1}.pt")
+            self.trainer._record(f"S_{index + 1}", snapshot=f"S_{index + 1}", masks={})
 
     def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
         log.info(
@@ -284,16 +285,20 @@ class SupTicketsTrainer(Trainer):
         log.info(
             "%s: %s", label, {k: v for k, v in result.items() if not k.endswith(("_per_second", "runtime"))}
         )
-        if snapshot and self.sparsity_args.tickets_save:
-            state = self.sparse_backend.full_state()  # collective under sharded engines
-            full_masks = self.sparse_backend.full_masks(masks if masks is not None else engine.masks.masks)
-            if self.args.should_save:
-                save_model_snapshot(
-                    Path(self.args.output_dir) / "tickets" / snapshot,
-                    state,
-                    full_masks,
-                    {"label": label, **result},
-                )
+        if snapshot and self.sparsity_args.tickets_save:  # a sharded checkpoint, as the CLI writes
+            meta = {
+                "label": label,
+                "world_size": self.args.world_size,
+                "targets": self.target_names,
+                **result,
+            }
+            save_model_checkpoint(
+                Path(self.args.output_dir) / "tickets" / snapshot,
+                self.sparse_backend,
+                engine.masks.masks if masks is None else masks,
+                {**meta, "model": type(self.sparse_backend.module).__name__},
+                replace=True,
+            )
 
     def _recalibrate_bn(self, counter: int) -> None:
         from ..tickets import recalibrate_batchnorm

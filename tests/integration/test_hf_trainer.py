@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 import hf_trainer_worker as worker  # noqa: E402
 
-from sparse_sup.checkpoint import load_verified  # noqa: E402
+from sparse_sup.checkpoint import load_sharded, read_manifest  # noqa: E402
 from sparse_sup.core import schedules  # noqa: E402
 
 LABELS = ["P", "T_1", "S_1", "T_2", "S_2", "final"]
@@ -113,15 +114,26 @@ def saved_model_state(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
+def load_snapshot(path: Path) -> dict:
+    """A sharded ticket / S_i checkpoint as whole tensors: model, masks of the targets, metadata."""
+    manifest = read_manifest(path)
+    shapes = {name: info["shape"] for name, info in manifest["tensors"].items()}
+    loaded = load_sharded(path)
+    return {
+        "model": {n: v.view(shapes[n]) for n, (v, _) in loaded.items()},
+        "masks": {n: m.view(shapes[n]) for n, (_, m) in loaded.items() if m is not None},
+        "meta": manifest["meta"],
+    }
+
+
 def check_tickets(r: dict, ends: tuple[int, int] = (21, 24)) -> None:
     """Tickets and superposed models at cycle ends; the final model and save_model() are S_M."""
     tickets = r["dir"] / "tickets"
-    steps = {"ticket_1.pt": ends[0], "superposed_1.pt": ends[0], "ticket_2.pt": ends[1]}
-    steps["superposed_2.pt"] = ends[1]
+    steps = {"P": 2 * ends[0] - ends[1], "T_1": ends[0], "S_1": ends[0], "T_2": ends[1], "S_2": ends[1]}
     for name, step in steps.items():
-        snap = load_verified(tickets / name)
+        snap = load_snapshot(tickets / name)
         assert snap["meta"]["step"] == step, name
-    s_m = load_verified(tickets / "superposed_2.pt")
+    s_m = load_snapshot(tickets / "S_2")
     assert_masks_equal(s_m["masks"], r["final_masks"])
     saved = saved_model_state(r["dir"] / "final")
     assert set(r["final_state"]) <= set(saved)  # save_model() wrote the whole model
@@ -163,8 +175,8 @@ def test_hf_resnet_bn_recalibration_and_resume_mid_cycle(runs, tmp_path):
     check_run(full)
     check_tickets(full)
     assert_masks_equal(full["initial_masks"], cli_initial_masks("resnet", torch.float32))
-    s_m = load_verified(full["dir"] / "tickets" / "superposed_2.pt")["model"]
-    t_2 = load_verified(full["dir"] / "tickets" / "ticket_2.pt")["model"]
+    s_m = load_snapshot(full["dir"] / "tickets" / "S_2")["model"]
+    t_2 = load_snapshot(full["dir"] / "tickets" / "T_2")["model"]
     bn = [k for k in s_m if k.endswith("num_batches_tracked")]
     assert bn and all(int(s_m[k]) == 192 // 32 for k in bn)  # recalibrated: one pass, 6 batches of 32
     assert all(int(t_2[k]) == 24 * 2 for k in bn)  # T_2: the training forwards (2 micro-batches a step)
@@ -172,8 +184,8 @@ def test_hf_resnet_bn_recalibration_and_resume_mid_cycle(runs, tmp_path):
 
     stopped = worker.run(model="resnet", save_steps=20, stop_at=20, output_dir=str(tmp_path))
     assert stopped["summary"]["steps_completed"] == 20 and stopped["summary"]["final_is"].startswith("not")
-    for name in ("ticket_2.pt", "superposed_2.pt"):
-        (tmp_path / "tickets" / name).unlink(missing_ok=True)  # nothing of the later cycle exists
+    for name in ("T_2", "S_2"):
+        shutil.rmtree(tmp_path / "tickets" / name, ignore_errors=True)  # nothing of the later cycle exists
     resumed = worker.run(
         model="resnet", save_steps=20, resume=str(tmp_path / "checkpoint-20"), output_dir=str(tmp_path)
     )
@@ -182,8 +194,8 @@ def test_hf_resnet_bn_recalibration_and_resume_mid_cycle(runs, tmp_path):
     assert_masks_equal(resumed["final_masks"], full["final_masks"])
     for name, value in full["final_state"].items():
         torch.testing.assert_close(resumed["final_state"][name], value, rtol=0, atol=1e-6, msg=name)
-    for name in ("ticket_2.pt", "superposed_2.pt"):
-        a, b = load_verified(tmp_path / "tickets" / name), load_verified(full["dir"] / "tickets" / name)
+    for name in ("T_2", "S_2"):
+        a, b = load_snapshot(tmp_path / "tickets" / name), load_snapshot(full["dir"] / "tickets" / name)
         assert_masks_equal(a["masks"], b["masks"])
         for k in b["model"]:
             torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
