@@ -58,8 +58,9 @@ def test_overhead_smoke():
     assert len(rows) == 2, out
     for row in rows:
         dense = positive(row[1])
-        assert float(row[3]) == pytest.approx(positive(row[2]) / dense, abs=2e-3)
-        assert float(row[8]) == pytest.approx(positive(row[7]) / dense, abs=2e-3)  # WeightNormSparsifier
+        # ratios are printed from unrounded times: recomputed from the rounded cells they agree to ~1%
+        assert float(row[3]) == pytest.approx(positive(row[2]) / dense, rel=1e-2)
+        assert float(row[8]) == pytest.approx(positive(row[7]) / dense, rel=1e-2)  # WeightNormSparsifier
 
 
 def test_topology_cost_smoke():
@@ -76,7 +77,7 @@ def test_gpu_throughput_smoke_on_cpu():
     rows = table_rows(out, "test_resnet") + table_rows(out, "test_vit")
     assert len(rows) == 2, out
     for row in rows:
-        assert float(row[6]) == pytest.approx(positive(row[5]) / positive(row[3]), abs=2e-3)
+        assert float(row[6]) == pytest.approx(positive(row[5]) / positive(row[3]), rel=1e-2)
 
 
 @pytest.mark.slow
