@@ -35,7 +35,7 @@ Tiers (``--tier``):
 
 Usage: python bench/reproduce.py --tier cpu --jobs 2 [--out runs/reproduce-cpu] [--doc docs/RESULTS.md]
        python bench/reproduce.py --tier reduced --doc docs/RESULTS.md
-       python bench/reproduce.py --smoke --out /tmp/x --doc /tmp/x/RESULTS.md
+       python bench/reproduce.py --smoke --out runs/reproduce-smoke --doc runs/reproduce-smoke/RESULTS.md
        python bench/reproduce.py --tier cpu --aggregate-only    # rewrite the doc from finished runs
 """
 
