@@ -21,8 +21,9 @@ SNAPSHOTS = ("tickets/P", "tickets/T_1", "tickets/S_1", "tickets/T_2", "tickets/
 ARGS = ["--config", "configs/tiny-test.yaml", "--checkpoint.every_steps=10", "--data.max_eval_samples=128"]
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+def _env(extra: dict | None = None) -> dict:
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return {**base, **(extra or {})}
 
 
 def _launch(nproc: int, script: list[str]) -> list[str]:
@@ -38,12 +39,15 @@ def _launch(nproc: int, script: list[str]) -> list[str]:
     ]
 
 
-def train(run_dir: Path, nproc: int = 1, extra: tuple = (), kill: tuple | None = None):
-    """``train.py`` (or the crash worker) on ``nproc`` processes: one, or DDP over gloo via torchrun."""
+def train(
+    run_dir: Path, nproc: int = 1, extra: tuple = (), kill: tuple | None = None, env: dict | None = None
+):
+    """``train.py`` (or the crash worker) on ``nproc`` processes: one, or several over gloo via
+    torchrun (DDP; FSDP2 with ``ACCELERATE_USE_FSDP`` in ``env``; DeepSpeed with ``--deepspeed``)."""
     args = [*ARGS, f"--experiment.output_dir={run_dir}", *extra]
     script = [str(HERE / "crash_worker.py"), *map(str, kill), "--"] if kill else [str(ROOT / "train.py")]
     cmd = _launch(nproc, [*script, *args])
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(env), cwd=ROOT)
 
 
 def snapshot(run_dir: Path) -> dict:
@@ -65,12 +69,14 @@ def assert_identical(got: dict, want: dict) -> None:
     assert got["results"] == want["results"]
 
 
-def kill_and_resume(run_dir: Path, kills: list[tuple[str, int]], nproc: int = 1, extra: tuple = ()) -> None:
+def kill_and_resume(
+    run_dir: Path, kills: list[tuple[str, int]], nproc: int = 1, extra: tuple = (), env: dict | None = None
+) -> None:
     """Start, then after each SIGKILL relaunch with ``--resume auto`` (killed again at the next
     point, counted within that process), and finally let it finish."""
     for i, kill in enumerate([*kills, None]):
         resume = ("--resume", "auto") if i else ()
-        proc = train(run_dir, nproc, (*extra, *resume), kill)
+        proc = train(run_dir, nproc, (*extra, *resume), kill, env)
         if kill is None:
             assert proc.returncode == 0, proc.stderr[-3000:]
         else:
@@ -114,25 +120,32 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     assert f"resumed from {previous} at step 36" in proc.stderr
 
 
+FSDP2 = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch` with an FSDP config exports
+
+
 @pytest.mark.parametrize(
-    "nproc, extra, kills",
+    "nproc, extra, env, kind, kills",
     [
-        (2, (), [("update", 5), ("superposition", 2)]),  # DDP over gloo
+        (2, (), None, "ddp", [("update", 5), ("superposition", 2)]),  # DDP over gloo
+        (2, (), FSDP2, "fsdp2", [("checkpoint", 2), ("step", 9)]),  # FSDP2: DTensor shards through DCP
         pytest.param(  # ZeRO-3 through torchrun; bit-identical too (measured), ~3x slower than DDP
             2,
             ("--deepspeed", "launch/deepspeed/zero3.json"),
+            None,
+            "deepspeed",
             [("update", 5), ("checkpoint", 1)],
             marks=pytest.mark.slow,
         ),
     ],
-    ids=["ddp", "zero3"],
+    ids=["ddp", "fsdp2", "zero3"],
 )
-def test_killed_distributed_run_resumes_identical(tmp_path, nproc, extra, kills):
+def test_killed_distributed_run_resumes_identical(tmp_path, nproc, extra, env, kind, kills):
     reference = tmp_path / "reference"
-    proc = train(reference, nproc, extra)
+    proc = train(reference, nproc, extra, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"parallelism: {kind} over {nproc} process(es)" in proc.stderr  # the engine under test
     run_dir = tmp_path / "run"
-    kill_and_resume(run_dir, kills, nproc, extra)
+    kill_and_resume(run_dir, kills, nproc, extra, env)
     assert_identical(snapshot(run_dir), snapshot(reference))
     check_metrics_continue(run_dir)
 
