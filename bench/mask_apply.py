@@ -5,7 +5,9 @@ by default: 21 conv/linear weights, 11.2M values, ERK masks at density 0.1), fp3
 
 * foreach_mul   -- ``torch._foreach_mul_(params, masks)`` (the old way; NaN/inf survive);
 * masked_fill   -- ``p.masked_fill_(~m, 0)`` per tensor, the mask inverted on the fly;
-* where         -- ``torch.where(m, p, p.new_zeros(()), out=p)`` per tensor;
+* where         -- ``torch.where(m, p, p.new_zeros(()), out=p)`` per tensor (sparse_sup until
+                   2026-12-03);
+* int_bits_mul  -- ``p.view(torch.int32).mul_(m)`` per tensor: the float's bits times the 0/1 mask;
 * sparse_sup    -- ``MaskState.apply_to_weights`` as the engine calls it after every step.
 
 Variants run side by side in rotating order (other processes may share the CPU); the table shows the
@@ -49,6 +51,7 @@ def main() -> None:
             "foreach_mul": lambda: torch._foreach_mul_(ps, ms),
             "masked_fill": lambda: [p.masked_fill_(~m, 0) for p, m in zip(ps, ms)],
             "where": lambda: [torch.where(m, p, p.new_zeros(()), out=p) for p, m in zip(ps, ms)],
+            "int_bits_mul": lambda: [p.view(torch.int32).mul_(m) for p, m in zip(ps, ms)],
             "sparse_sup": lambda: state.apply_to_weights(targets),
         }
 

@@ -30,12 +30,27 @@ def random_pieces(
     ]
 
 
+# A float's bits as an integer of the same size: multiplying those by the 0/1 mask is an exact fill.
+_BITS = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
 def zero_outside(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
-    """In place, ``x[~mask] = 0`` for each pair (same shapes). Fill, not multiplication: inf/NaN at
-    masked positions become 0 (``0 * nan`` is nan and would stay in a weight or optimizer state for
-    good). ``torch.where`` into ``x`` is as fast as ``_foreach_mul_`` (bench/mask_apply.py)."""
+    """In place, ``x[~mask] = 0`` for each pair (same shapes). Fill semantics, not a float
+    multiplication (``0 * nan`` is nan and would stay in a weight or optimizer state for good): the
+    float's bits, viewed as an integer, are multiplied by the bool mask, which clears every bit
+    (+0.0) at masked positions whatever the value and keeps the others bit for bit. 1.5-4x faster
+    on CPU than ``torch.where`` into ``x``, which it replaced (bench/mask_apply.py)."""
     for x, keep in zip(tensors, masks):
-        torch.where(keep, x, x.new_zeros(()), out=x)
+        bits = _BITS.get(x.dtype)
+        if bits is None:
+            torch.where(keep, x, x.new_zeros(()), out=x)
+        else:
+            x.view(bits).mul_(keep)
 
 
 class MaskState:

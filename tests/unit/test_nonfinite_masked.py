@@ -13,7 +13,7 @@ from toy_models import SmallCNN
 
 from sparse_sup.backends import LocalBackend, StepOptions
 from sparse_sup.config import load_config, resolve_plan
-from sparse_sup.core.masks import MaskState
+from sparse_sup.core.masks import MaskState, zero_outside
 from sparse_sup.core.topology import drop_and_grow
 from sparse_sup.engine import SupTicketsEngine
 from sparse_sup.tickets import SuperpositionChain
@@ -110,3 +110,33 @@ def test_topology_update_and_reprune_zero_nonfinite():
     for t in targets:
         m, v = chain.masks[t.name], chain.tensors[t.name]
         assert torch.equal(v[~m], torch.zeros_like(v[~m])), t.name
+
+
+@pytest.mark.parametrize(
+    "dtype, bits",
+    [
+        (torch.float32, torch.int32),
+        (torch.float64, torch.int64),
+        (torch.float16, torch.int16),
+        (torch.bfloat16, torch.int16),
+    ],
+)
+def test_zero_outside_is_an_exact_fill(dtype, bits):
+    """Masked positions become +0.0 whatever they held (NaN, ±inf, -0.0); kept ones keep their bits,
+    on contiguous tensors and on strided views (a transposed weight, a slice of a flat buffer)."""
+    torch.manual_seed(2)
+    base = torch.randn(48, 40).to(dtype)
+    keep = torch.rand(48, 40) < 0.3
+    _poison(base, keep)
+    base[0][~keep[0]] = -0.0  # the sign bit must go too ...
+    base[1][keep[1]] = -0.0  # ... and stay where kept
+    cases = [
+        (base.clone(), keep),
+        (base.clone().t(), keep.t()),
+        (base.clone().view(-1)[7:407], keep.view(-1)[7:407]),
+    ]
+    for x, m in cases:
+        before = x.clone()
+        zero_outside([x], [m])
+        assert torch.equal(x.view(bits)[~m], torch.zeros_like(x.view(bits)[~m]))  # all bits clear: +0.0
+        assert torch.equal(x.view(bits)[m], before.view(bits)[m])
