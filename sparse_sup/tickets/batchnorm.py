@@ -1,9 +1,10 @@
 """BatchNorm recalibration with exact pooled statistics.
 
 The reference code resets running stats and averages per-batch statistics on one process. Here
-each BN layer's input is summed (per channel: sum, sum of squares, count, in float64) over all
-batches and all data-parallel ranks, then running_mean/var are set to the pooled mean and unbiased
-variance. With batches that do not depend on the world size, the result does not either.
+each BN layer's input is summed (per channel: sum, sum of squares, count, in float64, from each
+batch's mean and variance) over all batches and all data-parallel ranks, then running_mean/var are
+set to the pooled mean and unbiased variance. With batches that do not depend on the world size,
+the result does not either.
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ def recalibrate_batchnorm(
     def hook(module: _BatchNorm, args: tuple) -> None:
         if not counting[0]:
             return
-        x = args[0].detach().to(torch.float64)
+        x = args[0].detach()
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
         dims = [d for d in range(x.dim()) if d != 1]
-        count = x.new_tensor([x.numel() / x.shape[1]])
-        totals[module] += torch.cat([x.sum(dims), (x * x).sum(dims), count])
+        # this batch's moments in the input's dtype (var_mean has no E[x^2] - E[x]^2 cancellation,
+        # and converting the activation to float64 first cost twice as much), pooled in float64
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        mean, var = mean.to(torch.float64), var.to(torch.float64)
+        n = x.numel() / x.shape[1]
+        totals[module] += torch.cat([mean * n, (var + mean * mean) * n, mean.new_tensor([n])])
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     was_training = model.training

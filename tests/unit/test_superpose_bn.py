@@ -282,6 +282,18 @@ def test_bn_recalibration_pooled_statistics() -> None:
     assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
 
 
+def test_bn_recalibration_large_mean_small_spread() -> None:
+    """Channels far from zero with a small spread: E[x^2] - E[x]^2 in float32 would cancel to
+    garbage; per-batch moments pooled in float64 keep the variance to float32 accuracy."""
+    torch.manual_seed(3)
+    batches = [1000.0 + 0.01 * torch.randn(8, 2, 5, 5) for _ in range(3)]
+    data = torch.cat(batches).double()
+    bn = nn.BatchNorm2d(2)
+    recalibrate_batchnorm(bn, batches)
+    assert torch.allclose(bn.running_mean.double(), data.mean((0, 2, 3)), rtol=1e-7, atol=0)
+    assert torch.allclose(bn.running_var.double(), data.var((0, 2, 3)), rtol=1e-3, atol=0)
+
+
 def test_bn_recalibration_independent_of_batching_and_repeatable() -> None:
     batches = _batches()
     split, whole, again = _bn_first_model(), _bn_first_model(), _bn_first_model()
