@@ -2,9 +2,9 @@
 
 The reference code resets running stats and averages per-batch statistics on one process. Here
 each BN layer's input is summed (per channel: sum, sum of squares, count, in float64, from each
-batch's mean and variance) over all batches and all data-parallel ranks, then running_mean/var are
-set to the pooled mean and unbiased variance. With batches that do not depend on the world size,
-the result does not either.
+batch's mean and variance as the BN layer computed them) over all batches and all data-parallel
+ranks, then running_mean/var are set to the pooled mean and unbiased variance. With batches that
+do not depend on the world size, the result does not either.
 """
 
 from __future__ import annotations
@@ -53,20 +53,22 @@ def recalibrate_batchnorm(
 
     counting = [True]
 
-    def hook(module: _BatchNorm, args: tuple) -> None:
+    def hook(module: _BatchNorm, args: tuple, output: object) -> None:
+        """After the layer's forward: with momentum 1 its running stats are this batch's mean and
+        unbiased variance, computed by the BN kernel itself (a second pass over the input cost
+        more than the BN); pooled in float64 as sum and sum of squares."""
         if not counting[0]:
             return
-        x = args[0].detach()
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        dims = [d for d in range(x.dim()) if d != 1]
-        # this batch's moments in the input's dtype (var_mean has no E[x^2] - E[x]^2 cancellation,
-        # and converting the activation to float64 first cost twice as much), pooled in float64
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        mean, var = mean.to(torch.float64), var.to(torch.float64)
-        n = x.numel() / x.shape[1]
+        n = args[0].numel() / args[0].shape[1]
+        mean = module.running_mean.to(torch.float64)
+        var = module.running_var.to(torch.float64) * ((n - 1) / n)  # biased: this batch's own
         totals[module] += torch.cat([mean * n, (var + mean * mean) * n, mean.new_tensor([n])])
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    momenta = {m: m.momentum for m in layers}
+    for m in layers:
+        m.reset_running_stats()  # (1 - momentum) * old is computed: no inf/NaN left in the old stats
+        m.momentum = 1.0
+    handles = [m.register_forward_hook(hook) for m in layers]
     was_training = model.training
     model.train()
     num_batches = 0
@@ -78,6 +80,8 @@ def recalibrate_batchnorm(
     finally:
         for h in handles:
             h.remove()
+        for m, momentum in momenta.items():
+            m.momentum = momentum
         model.train(was_training)
     flat = torch.cat([totals[m] for m in layers] + [totals[layers[0]].new_tensor([float(num_batches)])])
     collectives.all_reduce_sum(flat)
