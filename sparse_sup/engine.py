@@ -339,15 +339,18 @@ class SupTicketsEngine:
                 "resume with the same model and sparse.include/exclude"
             )
         if self.masks is None:
-            saved = state["masks"]["masks"]
-            self.masks = MaskState({n: saved[n].clone() for n in names}, self.backend.shard)
+            saved = state["masks"]["masks"]  # loaded on the CPU: each mask goes where its weight is
+            masks = {t.name: saved[t.name].to(t.param.device, copy=True) for t in self.targets}
+            self.masks = MaskState(masks, self.backend.shard)
         else:
             self.masks.load_state_dict(state["masks"])
         self.step, self.num_tickets = state["step"], state["num_tickets"]
         self.chain = None
         if state["chain"] is not None:
             self.chain = self._new_chain()
-            self.chain.load_state_dict(state["chain"])
+            self.chain.load_state_dict(
+                state["chain"], device=self.targets[0].param.device if self.targets else None
+            )
 
     def rebind(self) -> None:
         """Re-read the backend's targets (after an engine replaced tensors, e.g. a checkpoint load)."""

@@ -124,7 +124,7 @@ class MaskState:
         total = torch.zeros(1, dtype=torch.int64)
         for i, t in enumerate(targets):
             positions = self.masks[t.name].reshape(-1).nonzero()[:, 0] + t.offset
-            total += ((positions * 2654435761 + (i + 1) * 40503) % 1_000_000_007).sum()
+            total += ((positions * 2654435761 + (i + 1) * 40503) % 1_000_000_007).sum().cpu()
         self.collectives.all_reduce_sum(total)
         return int(total)
 

@@ -99,7 +99,8 @@ class SuperpositionChain:
             "masks": {n: m.clone() for n, m in self.masks.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        """``device``: where the model's tensors are (a checkpoint is loaded on the CPU)."""
         saved = (state["rule"], state.get("ema_ticket_weight"))
         if saved != (self.rule, self.ema_ticket_weight):
             raise ValueError(
@@ -108,5 +109,5 @@ class SuperpositionChain:
                 "tickets settings"
             )
         self.num_merged = state["num_merged"]
-        self.tensors = {n: t.clone() for n, t in state["tensors"].items()}
-        self.masks = {n: m.clone() for n, m in state["masks"].items()}
+        self.tensors = {n: t.to(device, copy=True) for n, t in state["tensors"].items()}
+        self.masks = {n: m.to(device, copy=True) for n, m in state["masks"].items()}

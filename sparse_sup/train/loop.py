@@ -154,6 +154,8 @@ class Run:
             "mask_history": self.mask_history.state_dict(),
             "loop": {"results": self.results, "skipped": self.skipped},
             "rng": torch.get_rng_state(),
+            # dropout / drop-path draw from the device's generator when the model is on a GPU
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
         }
         path = save_run_checkpoint(
             self.run_dir, self.engine.step, self.backend, state, self.config.checkpoint.keep_last
@@ -170,6 +172,8 @@ class Run:
         self.mask_history.load_state_dict(state["mask_history"])
         self.results, self.skipped = state["loop"]["results"], state["loop"]["skipped"]
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
         if self.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.engine.step)
         log.info("resumed from %s at step %d", path, self.engine.step)
@@ -311,7 +315,7 @@ class Run:
         """One real optimizer step over ``accum`` micro-batches, for every engine: the backend says
         how gradients synchronise and where the step happens; None if the step was skipped."""
         backend, smoothing = self.backend, self.config.optim.label_smoothing
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for a in range(accum):
             images, labels = next(micro)
             images, labels = images.to(self.device), labels.to(self.device)

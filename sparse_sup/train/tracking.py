@@ -112,7 +112,8 @@ class MaskHistory:
         """Fold in the current masks. Returns (mask change: weights active before and inactive now
         over weights active before; in-time over-parameterisation rate: weights ever active over
         all target weights)."""
-        counts = torch.zeros(3, dtype=torch.int64)  # left the mask, were active, ever active
+        device = next(iter(self.last.values())).device if self.last else None
+        counts = torch.zeros(3, dtype=torch.int64, device=device)  # left the mask, were active, ever active
         for name, mask in engine.masks.masks.items():
             mask = mask.bool()
             counts[0] += (self.last[name] & ~mask).sum()
