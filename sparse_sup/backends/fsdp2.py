@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from ..config.errors import ConfigError
 from ..core.collectives import Collectives
 from ..core.names import normalize_name
 from ..core.targets import Target
@@ -55,6 +56,24 @@ def fsdp2_shard_model(model: torch.nn.Module, mesh=None, mp_policy=None) -> torc
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def check_fsdp2_mixed_precision(model: torch.nn.Module, mixed_precision: str) -> None:
+    """Refuse FSDP2 mixed precision on a model with BatchNorm, before any step. FSDP2's
+    ``MixedPrecisionPolicy`` casts every parameter, BatchNorm's affine ones too, to the low dtype
+    while BatchNorm's running statistics stay float32, and cuDNN's BatchNorm backward rejects the
+    mix (seen on an H200: "Expected running_mean to have type BFloat16 but got Float")."""
+    if mixed_precision in (None, "no", "fp32"):
+        return
+    bn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bn:
+        raise ConfigError(
+            f"FSDP2 with {mixed_precision} mixed precision cannot train a model with BatchNorm "
+            f"({len(bn)} layers, e.g. {bn[0]!r}): FSDP2 casts BatchNorm's weights to {mixed_precision} "
+            "while its running statistics stay float32, which cuDNN rejects. Use DDP "
+            "(launch/accelerate/ddp-gpu.yaml; ResNets fit one GPU each), or mixed_precision: 'no' "
+            "in the Accelerate config; models with LayerNorm only (ViTs) are fine under FSDP2 bf16"
+        )
 
 
 class FSDP2Backend:

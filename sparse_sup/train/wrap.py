@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.detect import accelerate_shards_model, detect_parallelism
-from ..backends.fsdp2 import fsdp2_shard_model
+from ..backends.fsdp2 import check_fsdp2_mixed_precision, fsdp2_shard_model
 from .optim import build_optimizer
 from .setup import Prepared
 
@@ -23,9 +23,11 @@ def wrap_model(prepared: Prepared, accelerator) -> tuple[torch.nn.Module, object
             model=model, optimizer=build_optimizer(model, c.optim), config=prepared.deepspeed_config
         )
         return engine, optimizer
-    if detect_parallelism(accelerator) == "fsdp2" and not accelerate_shards_model(accelerator):
-        fsdp2_shard_model(model)  # Accelerate ignores its FSDP plugin on CPU: shard here
-        return model, accelerator.prepare(build_optimizer(model, c.optim))  # params are DTensors now
+    if detect_parallelism(accelerator) == "fsdp2":
+        if not accelerate_shards_model(accelerator):
+            fsdp2_shard_model(model)  # Accelerate ignores its FSDP plugin on CPU: shard here
+            return model, accelerator.prepare(build_optimizer(model, c.optim))  # params are DTensors now
+        check_fsdp2_mixed_precision(model, accelerator.mixed_precision)
     if c.train.compile:
         model = torch.compile(model)
     return accelerator.prepare(model, build_optimizer(model, c.optim))
