@@ -22,6 +22,19 @@ def _run(cmd: list[str], run_dir: Path) -> dict:
 
 
 COMMON = ["--config", "configs/tiny-test.yaml", "--train.precision=bf16", "--schedule.epochs=3"]
+# FSDP2 in bf16 refuses BatchNorm models (see check_fsdp2_mixed_precision): a ViT for it
+VIT = ["--model.name=test_vit", "--model.kwargs={img_size: 32, patch_size: 4}"]
+
+
+@pytest.mark.gpu
+def test_single_gpu_bf16_loop(tmp_path):
+    """The plain ``python train.py`` path on one GPU: loss, mask history, tickets, superposition and
+    BN recalibration all on the device (each once summed into a CPU tensor here)."""
+    run_dir = tmp_path / "single"
+    summary = _run([sys.executable, "train.py", *COMMON, f"--experiment.output_dir={run_dir}"], run_dir)
+    assert summary["parallelism"] == "single"
+    assert summary["steps_completed"] == summary["plan"]["total_steps"]
+    assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
 
 
 @pytest.mark.gpu
@@ -39,6 +52,7 @@ def test_accelerate_nccl_bf16(tmp_path, engine):
             str(gpus),
             "train.py",
             *COMMON,
+            *(VIT if engine == "fsdp2" else []),
             f"--experiment.output_dir={run_dir}",
         ],
         run_dir,
