@@ -25,10 +25,10 @@ Tiers (``--tier``):
 * ``cpu``     -- the full grid: 3 RigL seeds + 1 SET + 1 GraNet seed, x 3 schedules = 15 runs of
                  ``resnet32_cifar`` (CIFAR ResNet-32, 0.46 M weights) at density 0.1 on the
                  bundled CIFAR-10 mini split (10k train / 2k test), batch 128, 8 epochs = 624
-                 optimizer steps, ΔT = 50 (the CPU preset's). Sized for ~2 h on the 2-core
-                 machine with ``--jobs 2`` (one thread per run): ~1.4 s per step of 128 at one
-                 thread on an idle core (bench/throughput.py) -> 624 steps ~ 15 min, + ~1 min of
-                 evaluation and BN recalibration per run; 15 runs / 2 jobs ~ 8 x 16 min ~ 2 h.
+                 optimizer steps, ΔT = 50 (the CPU preset's). Sized for ~2 h at ~1.4 s per step
+                 of 128 (measured under contention); on the quiet machine a step takes ~0.55 s
+                 and the grid took 57 min with ``--jobs 2`` (2026-12-04): 16 epochs would fill
+                 the 2 h.
 * ``reduced`` -- RigL, seed 0, 3 epochs (234 steps), the three schedules: what fits in a busy
                  session (run with ``--jobs 3``).
 * ``smoke``   -- two seconds-long runs of the tiny test config, for the test suite.
@@ -231,7 +231,7 @@ def aggregate(tier_name: str, tier: Tier, specs: list[RunSpec], command_line: st
         f"files on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "
         f"{platform.machine()} {os.cpu_count()} cores ({_cpu_name()}), load average "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} when written. Regenerate: `{command_line}`.",
-        "Full CPU tier (~2 h on 2 idle cores): `python bench/reproduce.py --tier cpu --jobs 2`.",
+        "Full CPU tier (~1 h on 2 quiet cores): `python bench/reproduce.py --tier cpu --jobs 2`.",
         "",
         "Accuracy on the test split in %, mean ± sample std over seeds (no ± with one seed). "
         "S_M = the superposed final model; base = the same method for the whole budget "
