@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..backends import build_backend
+from ..backends.fsdp2 import check_fsdp2_mixed_precision
 from ..checkpoint import atomic_torch_save, load_verified
 from ..checkpoint.tickets import save_model_checkpoint
 from ..core.masks import MaskState
@@ -168,6 +169,8 @@ class SupTicketsTrainer(Trainer):
             )
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError("SupTicketsTrainer supports FSDP2 only: pass fsdp_config={'fsdp_version': 2}")
+        if self.is_fsdp_enabled:
+            check_fsdp2_mixed_precision(self.model, self.accelerator.mixed_precision)
         sa = self.sparsity_args
         self.target_names = select_targets(self.model, sa.sparse_include, sa.sparse_exclude)
         if not self.target_names:
