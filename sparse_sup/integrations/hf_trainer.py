@@ -167,9 +167,11 @@ class SupTicketsTrainer(Trainer):
                 "SupTicketsTrainer: load_best_model_at_end=True would replace the superposed model S_M "
                 "with an earlier checkpoint; set it to False"
             )
-        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise ValueError("SupTicketsTrainer supports FSDP2 only: pass fsdp_config={'fsdp_version': 2}")
         if self.is_fsdp_enabled:
+            if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                raise ValueError(
+                    "SupTicketsTrainer supports FSDP2 only: pass fsdp_config={'fsdp_version': 2}"
+                )
             check_fsdp2_mixed_precision(self.model, self.accelerator.mixed_precision)
         sa = self.sparsity_args
         self.target_names = select_targets(self.model, sa.sparse_include, sa.sparse_exclude)
