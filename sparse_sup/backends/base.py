@@ -61,6 +61,9 @@ class Backend(Protocol):
     model: torch.nn.Module  # what the forward pass is called on (possibly wrapped)
     module: torch.nn.Module  # the user's module underneath (buffers, BN, evaluation)
     lockstep: bool  # forwards are collective: every rank must run the same number of them
+    # dtype that floating-point inputs must have for ``model``/``module`` (DeepSpeed bf16/fp16 casts
+    # the module itself and runs no autocast); None: leave inputs as they are (autocast decides)
+    input_dtype: torch.dtype | None
 
     def targets(self) -> list[Target]: ...
 

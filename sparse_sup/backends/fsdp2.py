@@ -82,6 +82,7 @@ class FSDP2Backend:
 
     kind = "fsdp2"
     lockstep = True  # every forward all-gathers parameters
+    input_dtype = None  # MixedPrecisionPolicy casts forward inputs itself
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ class LocalBackend:
     """Whole-tensor targets on ``model`` (possibly DDP- or compile-wrapped: names are normalised)."""
 
     lockstep = False
+    input_dtype = None  # autocast (Accelerate's mixed precision) casts inside the forward
 
     def __init__(
         self,
