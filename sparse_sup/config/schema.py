@@ -289,6 +289,10 @@ class TrainConfig:
     compile: bool = False
     save_tickets: bool = True
     max_steps: int | None = None  # stop early after this many optimizer steps (debugging)
+    # fault injection (tests, debugging): the steps taken with these 0-based indices (applied and
+    # skipped steps both count) get an infinite loss, so their gradients overflow and the step is
+    # skipped (by the loss scaler under fp16) -- the path a real overflow takes
+    nonfinite_steps: list[int] = field(default_factory=list)
     progress_bar: bool = True
     # experiment trackers through Accelerate (tensorboard, trackio, wandb, mlflow, or none);
     # null: tensorboard when it is installed, else none. metrics.jsonl is written either way.
@@ -303,6 +307,12 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _check(
             self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1"
+        )
+        _check(
+            isinstance(self.nonfinite_steps, list) and all(isinstance(i, int) and i >= 0 for i in self.nonfinite_steps),
+            "train.nonfinite_steps",
+            self.nonfinite_steps,
+            "a list of step indices >= 0",
         )
 
 

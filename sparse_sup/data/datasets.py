@@ -325,4 +325,8 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # every iter() draws the workers' base seed from this generator; without one it draws from the
+        # global RNG that dropout uses, and a resumed run (one iterator more) would see other dropout.
+        # Augmentation draws from per-sample keys, so the base seed changes no result.
+        generator=torch.Generator().manual_seed(0),
     )

@@ -14,7 +14,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..backends import StepOptions, build_backend
-from ..backends.buffers import sync_buffers
+from ..backends.local import unwrap_module
 from ..checkpoint import export_safetensors
 from ..checkpoint.run_state import load_run_checkpoint, save_run_checkpoint
 from ..checkpoint.tickets import save_model_checkpoint
@@ -100,15 +100,23 @@ class Run:
         log.info("run directory: %s", self.run_dir)
         log.info("plan: %s", self.p.plan.describe())
         self.model, self.optimizer = wrap_model(self.p, self.accelerator)
+        self.device = next(unwrap_module(self.model).parameters()).device
+        self.autocast, backward, scaler = self.accelerator.autocast, self.accelerator.backward, None
+        self.own_scaler = None
+        if c.train.precision == "fp16" and self.accelerator.scaler is None and self.device.type == "cpu":
+            # Accelerate runs neither fp16 autocast nor a GradScaler on the CPU, so fp16 would silently
+            # be fp32: run both here (the same scaler semantics as on a GPU, overflows included)
+            self.own_scaler = torch.amp.GradScaler("cpu")
+            self.autocast = lambda: torch.autocast("cpu", dtype=torch.float16)
+            backward = lambda loss: self.own_scaler.scale(loss).backward()
         options = StepOptions(
             max_grad_norm=c.optim.max_grad_norm,
             skip_nonfinite=c.train.skip_nonfinite,
-            backward=self.accelerator.backward,
-            scaler=self.accelerator.scaler,
+            backward=backward,
+            scaler=self.accelerator.scaler if self.own_scaler is None else self.own_scaler,
         )
         self.backend = build_backend(self.model, self.optimizer, self.p.target_names, options)
         self.module = self.backend.module
-        self.device = next(self.module.parameters()).device
         log.info("parallelism: %s over %d process(es)", self.backend.kind, self.accelerator.num_processes)
         self.engine = SupTicketsEngine.from_config(c, self.p.plan, self.backend, LoopHooks(self))
         self.engine.init_masks()
@@ -144,15 +152,19 @@ class Run:
         return periodic or (ck.at_cycle_ends and event)
 
     def save_checkpoint(self) -> None:
-        """Collective: model + optimizer (the engine's format) and this rank's sparse state."""
-        # replicated buffers are saved once (DCP de-duplicates them), so make them equal first: each
-        # DDP/FSDP2 rank tracked BN statistics of its own micro-batches (the update is linear, so
-        # averaging now or before the next evaluation gives the same statistics)
-        sync_buffers(self.module, self.backend.data_parallel)
+        """Collective: model + optimizer (the engine's format) and this rank's sparse state.
+
+        Saving changes nothing the run computes next (the result must not depend on
+        ``checkpoint.every_steps``): each rank's BN buffers, which differ between ranks (each tracks
+        its own micro-batches; DDP broadcasts rank 0's at the next forward, FSDP2 never does), go
+        into its own state file as they are, rather than being averaged in place before the save."""
+        scaler = self.accelerator.scaler if self.accelerator.scaler is not None else self.own_scaler
         state = {
             "engine": self.engine.state_dict(),
             "mask_history": self.mask_history.state_dict(),
             "loop": {"results": self.results, "skipped": self.skipped},
+            "buffers": {n: b.detach().clone() for n, b in self.module.named_buffers()},
+            "scaler": None if scaler is None else scaler.state_dict(),
             "rng": torch.get_rng_state(),
             # dropout / drop-path draw from the device's generator when the model is on a GPU
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
@@ -171,6 +183,12 @@ class Run:
         self.backend.refresh_model_weights()
         self.mask_history.load_state_dict(state["mask_history"])
         self.results, self.skipped = state["loop"]["results"], state["loop"]["skipped"]
+        with torch.no_grad():  # this rank's own buffers (same world size: see save_checkpoint)
+            for name, buffer in self.module.named_buffers():
+                buffer.copy_(state["buffers"][name])
+        scaler = self.accelerator.scaler if self.accelerator.scaler is not None else self.own_scaler
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -255,7 +273,8 @@ class Run:
         bar.update(engine.step)
         self.model.train()
         while engine.step < last_step:
-            epoch, offset = divmod(engine.step, plan.steps_per_epoch)
+            # a skipped step consumed its batch too: the data position counts every step taken
+            epoch, offset = divmod(engine.step + self.skipped, plan.steps_per_epoch)
             sampler.set_epoch(epoch, offset)
             micro = iter(loader)
             for _ in range(offset, plan.steps_per_epoch):
@@ -316,13 +335,16 @@ class Run:
         how gradients synchronise and where the step happens; None if the step was skipped."""
         backend, smoothing = self.backend, self.config.optim.label_smoothing
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        inject = self.engine.step + self.skipped in self.config.train.nonfinite_steps
         for a in range(accum):
             images, labels = next(micro)
-            images, labels = images.to(self.device), labels.to(self.device)
+            images, labels = images.to(self.device, backend.input_dtype), labels.to(self.device)
             with backend.gradient_sync(a == accum - 1):
-                with self.accelerator.autocast():
+                with self.autocast():
                     logits = backend.model(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+                if inject:  # fault injection (tests): every gradient of this step becomes inf
+                    loss = loss * float("inf")
                 backend.backward(loss, accum)
             total += loss.detach().double() / accum
         if not backend.optimizer_step():
@@ -336,7 +358,10 @@ class Run:
         final = self.evaluate()
         final.update(step=engine.step, density=engine.masks.density(engine.targets))
         self.results["final"] = final
-        label = f"S_{engine.num_tickets}" if engine.num_tickets else "final (no tickets)"
+        if engine.step < self.p.plan.total_steps:  # train.max_steps stopped it: the training model
+            label = f"training model at step {engine.step} of {self.p.plan.total_steps} (stopped early)"
+        else:
+            label = f"S_{engine.num_tickets}" if engine.num_tickets else "final (no tickets)"
         log.info(
             "final model (%s): accuracy %.2f%%, density %.4f",
             label,
