@@ -18,10 +18,11 @@ import torch
 
 from .config.plan import StepPlan
 from .config.schema import Config, ScheduleConfig, SparseConfig, TicketsConfig
-from .core import schedules
+from .core import invariants, schedules
 from .core.masks import MaskState
 from .core.targets import Target
 from .core.topology import drop_and_grow, global_prune
+from .methods import create_method
 from .tickets.superpose import SuperpositionChain
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class SupTicketsEngine:
         self.sparse, self.tickets, self.schedule = sparse, tickets, schedule
         self.base_lr, self.plan, self.backend, self.seed = base_lr, plan, backend, seed
         self.hooks = hooks or EngineHooks()
+        self.method = create_method(sparse, plan)
         self.phases = schedules.PhasePlan(
             total_steps=plan.total_steps, num_cycles=plan.num_cycles, cycle_steps=plan.cycle_steps
         )
@@ -95,7 +97,7 @@ class SupTicketsEngine:
     # ---- set-up -------------------------------------------------------------------------
     def init_masks(self) -> None:
         self.masks = MaskState.initialize(
-            self.targets, self.sparse.initial_density, self.sparse.distribution, self.seed, self.backend.shard
+            self.targets, self.method.initial_density, self.sparse.distribution, self.seed, self.backend.shard
         )
         self.backend.refresh_model_weights()
         log.info(
@@ -158,16 +160,6 @@ class SupTicketsEngine:
             steps=self.plan.total_steps,
         )
 
-    def granet_density(self, step: int) -> float:
-        s = self.sparse
-        return schedules.granet_density(
-            step,
-            initial=s.granet_initial_density,
-            final=s.density,
-            start=self.plan.prune_start,
-            end=self.plan.prune_end,
-        )
-
     def phase(self, step: int | None = None) -> tuple[str, int | None]:
         """("dst", None) in phase 1, ("cycle", m) in cycle m, for the step after ``step``."""
         cycle = self.phases.cycle_of(self.step if step is None else step)
@@ -177,12 +169,10 @@ class SupTicketsEngine:
         """Mask changes due right after ``completed`` steps: 'prune', 'update', 'reexplore'."""
         events = []
         pre, total, interval = self.plan.pre_steps, self.plan.total_steps, self.sparse.update_interval
+        if 0 < completed <= pre and self.method.prune_density(completed) is not None:
+            events.append("prune")  # a global prune comes before the topology update of the step
         if 0 < completed < pre and completed % interval == 0:
-            if self.sparse.method == "granet" and self.plan.prune_start <= completed:
-                events.append("prune")
             events.append("update")
-        if completed == pre and self.sparse.method == "granet":
-            events.append("prune")  # make sure phase 1 ends at the final density
         if self.phases.cycle_start(completed) is not None and self.tickets.reexplore_fraction > 0:
             events.append("reexplore")
         elif (
@@ -193,7 +183,7 @@ class SupTicketsEngine:
 
     def _needs_grad_scores(self, completed: int) -> bool:
         events = self.mask_events(completed)
-        return "reexplore" in events or ("update" in events and self.sparse.grow == "gradient")
+        return "reexplore" in events or ("update" in events and self.method.grow == "gradient")
 
     # ---- the step -----------------------------------------------------------------------
     def before_optimizer_step(self) -> None:
@@ -205,19 +195,23 @@ class SupTicketsEngine:
                 for t in self.targets
             }
         self.masks.apply_to_grads(self.targets)
+        if self.sparse.check_invariants:
+            invariants.check_gradients(self.targets, self.masks, f"before step {self.step + 1}")
 
     def after_optimizer_step(self, skipped: bool = False) -> None:
         """After the real optimizer step. A skipped step (overflow, non-finite) changes nothing."""
-        if skipped:
-            self._grad_scores = None
-            return
-        if self.sparse.enforce_every_step:
-            self.masks.apply(self.targets)
-        self.step += 1
         try:
-            self._on_completed(self.step)
+            if not skipped:
+                if self.sparse.enforce_every_step:
+                    self.masks.apply(self.targets)
+                self.step += 1
+                self._on_completed(self.step)
         finally:
             self._grad_scores = None
+        if self.sparse.check_invariants:
+            where = f"after step {self.step}" + (" (skipped one)" if skipped else "")
+            weights = self.sparse.enforce_every_step
+            invariants.check_step(self.targets, self.masks, self.backend.data_parallel, where, weights)
 
     def _on_completed(self, completed: int) -> None:
         events = self.mask_events(completed)
@@ -239,9 +233,7 @@ class SupTicketsEngine:
     def _apply_mask_events(self, events: Sequence[str], completed: int) -> None:
         for event in events:
             if event == "prune":
-                keep = round(self.granet_density(completed) * self.total_target_weights)
-                if completed == self.plan.pre_steps:
-                    keep = round(self.sparse.density * self.total_target_weights)
+                keep = round(self.method.prune_density(completed) * self.total_target_weights)
                 before = self.masks.total_active()
                 global_prune(self.targets, self.masks, keep, self.backend.shard)
                 swapped = {"pruned": before - self.masks.total_active()}
@@ -249,7 +241,7 @@ class SupTicketsEngine:
                 fraction = (
                     self.tickets.reexplore_fraction if event == "reexplore" else self.drop_fraction(completed)
                 )
-                grow = "gradient" if event == "reexplore" else self.sparse.grow
+                grow = "gradient" if event == "reexplore" else self.method.grow
                 swapped = drop_and_grow(
                     self.targets,
                     self.masks,

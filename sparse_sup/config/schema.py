@@ -172,9 +172,14 @@ class SparseConfig:
     exclude: list[str] = field(default_factory=list)
     enforce_every_step: bool = True  # re-zero masked weights and optimizer state after each step
     check_ranks: bool = False  # debug: compare a mask checksum across ranks at every update
+    # debug: after every optimizer step assert exact per-layer counts, zero masked weights, gradients
+    # and optimizer state, and identical masks on every rank (a few passes and collectives per step)
+    check_invariants: bool = False
 
     def __post_init__(self) -> None:
-        _choice("sparse.method", self.method, ("set", "rigl", "granet"))
+        from ..methods import METHODS  # the registry: a new method adds a file, not a branch here
+
+        _choice("sparse.method", self.method, tuple(METHODS))
         _check(0 < self.density <= 1, "sparse.density", self.density, "a fraction of weights kept in (0, 1]")
         _choice("sparse.distribution", self.distribution, ("erk", "uniform"))
         _check(
@@ -191,27 +196,7 @@ class SparseConfig:
             self.drop_fraction_final,
             "in [0, sparse.drop_fraction]",
         )
-        if self.method == "granet":
-            _check(
-                self.density <= self.granet_initial_density <= 1,
-                "sparse.granet_initial_density",
-                self.granet_initial_density,
-                f"in [sparse.density={self.density}, 1]",
-            )
-            _check(
-                0 <= self.granet_prune_start_epoch <= self.granet_prune_end_epoch,
-                "sparse.granet_prune_end_epoch",
-                self.granet_prune_end_epoch,
-                f">= sparse.granet_prune_start_epoch={self.granet_prune_start_epoch} >= 0",
-            )
-
-    @property
-    def grow(self) -> str:
-        return "random" if self.method == "set" else "gradient"
-
-    @property
-    def initial_density(self) -> float:
-        return self.granet_initial_density if self.method == "granet" else self.density
+        METHODS[self.method].check_config(self)
 
 
 @dataclass(kw_only=True)
@@ -309,7 +294,8 @@ class TrainConfig:
             self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1"
         )
         _check(
-            isinstance(self.nonfinite_steps, list) and all(isinstance(i, int) and i >= 0 for i in self.nonfinite_steps),
+            isinstance(self.nonfinite_steps, list)
+            and all(isinstance(i, int) and i >= 0 for i in self.nonfinite_steps),
             "train.nonfinite_steps",
             self.nonfinite_steps,
             "a list of step indices >= 0",

@@ -101,7 +101,7 @@ class Run:
         log.info("plan: %s", self.p.plan.describe())
         self.model, self.optimizer = wrap_model(self.p, self.accelerator)
         self.device = next(unwrap_module(self.model).parameters()).device
-        self.autocast, backward, scaler = self.accelerator.autocast, self.accelerator.backward, None
+        self.autocast, backward = self.accelerator.autocast, self.accelerator.backward
         self.own_scaler = None
         if c.train.precision == "fp16" and self.accelerator.scaler is None and self.device.type == "cpu":
             # Accelerate runs neither fp16 autocast nor a GradScaler on the CPU, so fp16 would silently

@@ -261,7 +261,7 @@ class Recorder(EngineHooks):
                 plan, s = engine.plan, engine.sparse
                 progress = min(1.0, max(0.0, (step - plan.prune_start) / (plan.prune_end - plan.prune_start)))
                 cubic = s.density + (s.granet_initial_density - s.density) * (1 - progress) ** 3
-                assert engine.granet_density(step) == pytest.approx(cubic, rel=1e-12)
+                assert engine.method.prune_density(step) == pytest.approx(cubic, rel=1e-12)
                 keep = round(cubic * n)
             self.prunes.append((step, after + swapped["pruned"], after, keep))
 
@@ -319,7 +319,7 @@ def test_training_invariants_every_step(method: str, opt_kind: str, in_cycles: s
     n_total = engine.total_target_weights
     init_counts = dict(engine.masks.counts)
     assert list(init_counts.values()) == layer_counts(
-        [params[n].shape for n in BN_TARGETS], cfg.sparse.initial_density, "erk"
+        [params[n].shape for n in BN_TARGETS], engine.method.initial_density, "erk"
     )
     ptrs = None
     for step in range(plan.total_steps):
