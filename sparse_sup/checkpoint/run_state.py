@@ -6,9 +6,11 @@ Layout of ``RUN_DIR/checkpoints/step_00001234/``::
     sparse_sup/rankNNNNN.pt   this rank's sparse state: engine (masks, chain, counters), loop, RNG
     manifest.json        step, world size and the SHA-256 of every file above
 
-A checkpoint is written under a temporary name and published by an atomic rename after every rank
-finished; a directory without a valid manifest, or with a file that does not match it, is never
-loaded (``latest_checkpoint`` falls back to the previous one and says so).
+A checkpoint is written under a temporary name (``.tmp_step_N-<pid>@<host>``, removed by a later
+save once its writer is gone) and published by an atomic rename after every rank finished; a
+directory without a valid manifest, or with a file that does not match it, is never loaded
+(``latest_checkpoint`` falls back to the previous one and says so, and refuses when none is intact).
+Rotation never deletes the checkpoint just written (see ``_rotate``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .files import _atomic_write_bytes, atomic_torch_save, load_verified
+from .files import _atomic_write_bytes, _fsync_dir, atomic_torch_save, load_verified, owner_tag, remove_stale
 from .sharded import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 PREFIX = "step_"
+TMP_PREFIX = f".tmp_{PREFIX}"  # + step + the writer's owner tag
 
 
 def _dist() -> tuple[int, int, bool]:
@@ -72,16 +75,21 @@ def save_run_checkpoint(run_dir: Path, step: int, backend, sparse_state: dict, k
     """Collective. ``sparse_state``: this rank's picklable state (tensors, dicts, numbers)."""
     rank, world, _ = _dist()
     root = Path(run_dir) / CHECKPOINTS
-    final, tmp = root / f"{PREFIX}{step:08d}", root / f".tmp_{PREFIX}{step:08d}"
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+        remove_stale(root, lambda name: name.startswith(TMP_PREFIX))  # left by runs killed while writing
+        tmp = root / f"{TMP_PREFIX}{step:08d}{owner_tag()}"
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a save that raised
         tmp.mkdir(parents=True)
-    _barrier()
+    tmp = Path(_broadcast(None if tmp is None else str(tmp)))
     backend.save_training_state(tmp / "engine")
     atomic_torch_save(sparse_state, tmp / "sparse_sup" / f"rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for folder in {p.parent for p in files}:  # the engine's writers fsync files, not folders
+            _fsync_dir(folder)
         manifest = {
             "format": 1,
             "step": step,
@@ -92,10 +100,24 @@ def save_run_checkpoint(run_dir: Path, step: int, backend, sparse_state: dict, k
         if final.exists():  # a replay after a crash reached the same step again
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(root)
+        _rotate(run_dir, step, keep)
     _barrier()
     return final
+
+
+def _rotate(run_dir: Path, step: int, keep: int) -> None:
+    """Rank 0, after publishing ``step``: keep the newest ``keep`` checkpoints up to ``step`` (so
+    the one just written, the newest valid one, is always kept) and delete every checkpoint after
+    ``step``. Those exist only when this run resumed from an earlier checkpoint (the later ones
+    were damaged, or an older one was chosen): they belong to the abandoned continuation, disagree
+    with the truncated metrics.jsonl, and counting them could delete the good one just written."""
+    for path in list_checkpoints(run_dir):
+        if checkpoint_step(path) > step:
+            log.warning("deleting checkpoint %s: after step %d, which this run continued from", path, step)
+            shutil.rmtree(path, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[max(keep, 1) :]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -126,16 +148,26 @@ def checkpoint_problems(path: Path) -> list[str]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete, intact checkpoint (chosen by rank 0 for every rank)."""
-    chosen = None
+    """The newest complete, intact checkpoint (chosen by rank 0 for every rank); None when there
+    is no checkpoint at all. Raises ``CheckpointError`` (on every rank) when checkpoints exist but
+    none is intact: starting from step 0 would silently discard the run and its metrics."""
+    chosen, damaged = None, []
     if _dist()[0] == 0:
         for path in list_checkpoints(run_dir):
             problems = checkpoint_problems(path)
             if not problems:
                 chosen = str(path)
                 break
+            damaged.append(path.name)
             log.warning("skipping checkpoint %s: %s; falling back to the previous one", path, problems[0])
-    chosen = _broadcast(chosen)
+    chosen, damaged = _broadcast((chosen, damaged))
+    if chosen is None and damaged:
+        root = Path(run_dir) / CHECKPOINTS
+        raise CheckpointError(
+            f"{root} holds {len(damaged)} checkpoint(s) ({', '.join(damaged)}) and none is complete and "
+            "intact, so the run cannot continue; restore them, or delete those folders to start this "
+            "run again from step 0, or start a new run in another experiment.output_dir"
+        )
     return None if chosen is None else Path(chosen)
 
 

@@ -11,9 +11,10 @@ Every rank writes only its own run of each tensor (a contiguous range of the row
 full tensor), so a write never gathers a tensor and its extra memory is one piece's active values at
 a time (rank 0 also holds every file's ranges: O(tensors x world) metadata). A reader at any world
 size asks for its own ranges and opens only the files that overlap them. The directory is written
-under a hidden temporary sibling name (``.NAME.tmp-*``) and published by one atomic rename after
-every rank finished, so a crash leaves the previous state plus at most that hidden directory, never
-a half checkpoint. ``path`` must be on a filesystem every rank sees.
+under a hidden temporary sibling name (``.NAME.tmp-*``, with its writer's pid@host) and published
+by one atomic rename after every rank finished, so a crash leaves the previous state plus at most
+that hidden directory, never a half checkpoint; the next save into the same folder removes such
+directories once their writer is gone. ``path`` must be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..progress import progress
-from .files import _atomic_write_bytes
+from .files import _atomic_write_bytes, _fsync_dir, owner_tag, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +235,9 @@ def _broadcast(value: object, group, on: bool) -> object:
     return box[0]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_tmp(name: str) -> bool:
+    """A sharded checkpoint's temporary directory name (``.NAME.tmp-HEX`` + owner tag)."""
+    return name.startswith(".") and re.search(r"\.tmp-[0-9a-f]{12}(-\d+@[^@/]+)?$", name) is not None
 
 
 def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, group=None) -> None:
@@ -257,7 +256,8 @@ def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, gr
                 raise CheckpointError(
                     f"{path} already exists; a checkpoint is never overwritten -- delete or rename it first"
                 )
-            tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+            remove_stale(path.parent, lambda name: _is_tmp(name) and (path.parent / name).is_dir())
+            tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}{owner_tag()}"
             tmp.mkdir(parents=True)
             plan = {"tmp": str(tmp)}
         except (TypeError, ValueError, OSError) as e:

@@ -73,7 +73,9 @@ def load_model_checkpoint(path: Path, backend, target_names: list[str]) -> dict[
     with torch.no_grad():
         for name, tensor in local.items():
             values, mask = loaded[name]
-            tensor.reshape(-1).copy_(values.to(tensor.dtype))
+            # values are the row-major flat run; copy_ through the logical shape writes the real
+            # storage of any layout (reshape(-1) of a channels_last tensor would be a copy)
+            tensor.copy_(values.to(tensor.dtype).view(tensor.shape))
             if name in target_names:
                 keep = mask if mask is not None else values != 0
                 masks[name] = keep.view(tensor.shape)

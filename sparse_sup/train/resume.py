@@ -1,7 +1,8 @@
 """``--resume auto|PATH``: which run checkpoint to continue from, checked before anything is written.
 
 ``auto`` continues the newest complete checkpoint of ``experiment.output_dir`` and starts afresh
-when there is none (so a preemptible job can always be launched with the same command); a PATH is a
+when there is none (so a preemptible job can always be launched with the same command); when there
+are checkpoints but none is intact it refuses (exit 2) instead of restarting over the run; a PATH is a
 checkpoint directory or a run directory (its newest complete checkpoint). The run's config must be
 the one it was started with, except keys that do not change the result."""
 
@@ -14,9 +15,9 @@ import yaml
 
 from ..checkpoint.run_state import (
     MANIFEST,
+    CheckpointError,
     checkpoint_problems,
     latest_checkpoint,
-    list_checkpoints,
     read_checkpoint_manifest,
 )
 from ..config import Config, ConfigError, config_to_dict
@@ -83,13 +84,12 @@ def resolve_resume(resume: str, config: Config) -> Path | None:
             raise ConfigError(f"--resume {resume}: {problems[0]}; pass the run directory to fall back")
         check_world_size(path)
         return path
-    chosen = latest_checkpoint(run_dir)
+    try:
+        chosen = latest_checkpoint(run_dir)
+    except CheckpointError as e:  # checkpoints exist, none intact: never restart over the run
+        raise ConfigError(f"--resume {resume}: {e}") from None
     if chosen is None and resume != "auto":
-        found = len(list_checkpoints(run_dir))
-        raise ConfigError(
-            f"--resume {resume}: no complete checkpoint in {run_dir / 'checkpoints'} ({found} found, none "
-            "intact); start a new run"
-        )
+        raise ConfigError(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'}; start a new run")
     if chosen is None:
         log.info("--resume auto: no checkpoint in %s yet; starting from step 0", run_dir)
     else:

@@ -35,9 +35,19 @@ class Prepared:
 
 
 def default_run_dir(config: Config) -> Path:
+    """``experiment.output_dir``, else ``runs/<name>-<time>``. Collective when torch.distributed
+    is initialised: ranks reach this line at different moments, and two clocks on either side of a
+    second boundary would split one run over two folders, so rank 0 chooses for every rank."""
     if config.experiment.output_dir:
         return Path(config.experiment.output_dir)
-    return Path("runs") / f"{config.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"{config.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return Path("runs") / name
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:

@@ -105,19 +105,36 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     check_metrics_continue(run_dir)
 
 
+def corrupt(checkpoint: Path) -> None:
+    rank_file = checkpoint / "sparse_sup" / "rank00000.pt"
+    data = bytearray(rank_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rank_file.write_bytes(bytes(data))
+
+
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    """The damaged step-40 checkpoint is skipped (resume from 36); the resumed run's first checkpoint
+    (38, keep_last=1) is kept and the abandoned step 40 deleted, not the reverse; once every
+    checkpoint is damaged, ``--resume auto`` refuses instead of restarting from step 0."""
     run_dir = tmp_path / "run"
     proc = train(run_dir, kill=("superposition", 1))  # killed at step 42: checkpoints 36 and 40 kept
     assert proc.returncode != 0
     previous, newest = sorted((run_dir / "checkpoints").iterdir())
-    rank_file = newest / "sparse_sup" / "rank00000.pt"
-    data = bytearray(rank_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    rank_file.write_bytes(bytes(data))
-    proc = train(run_dir, extra=("--resume", "auto", "--train.max_steps=44"))
+    corrupt(newest)
+    keep_one = ("--checkpoint.every_steps=19", "--checkpoint.keep_last=1")  # a checkpoint at 38
+    proc = train(run_dir, extra=("--resume", "auto", "--train.max_steps=38", *keep_one))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping checkpoint {newest}" in proc.stderr, proc.stderr[-3000:]
     assert f"resumed from {previous} at step 36" in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000038"]
+
+    corrupt(run_dir / "checkpoints" / "step_00000038")
+    before = (run_dir / "metrics.jsonl").read_text()
+    proc = train(run_dir, extra=("--resume", "auto"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{run_dir / 'checkpoints'} holds 1 checkpoint(s) (step_00000038)" in proc.stderr
+    assert "delete those folders to start this run again from step 0" in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # not restarted over the run
 
 
 FSDP2 = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch` with an FSDP config exports
