@@ -1,11 +1,20 @@
 """FSDP2 (``fully_shard``): parameters are DTensors sharded on dim 0; each rank holds a contiguous
 run of rows of every weight. Targets, masks, gradient scores and the superposition side chain are
 the *local shards* (plain tensors aliasing FSDP's storage), so a topology update or a re-prune
-costs O(local shard) memory; selection all-reduces count histograms over the FSDP mesh.
+costs O(local shard) memory; selection all-reduces count histograms over the *shard* group.
 
 Placement contract: ``Target.param`` = ``p.to_local()`` (rows [r0, r1) of the full weight),
 ``offset`` = r0 * row_numel from DTensor's own layout; gradients and optimizer state are the local
 shards of their DTensors. BN buffers are replicated, so ``sync_buffers`` averages them over ranks.
+
+Meshes: a 1-D mesh (FSDP: placements ``(Shard(0),)``) or a 2-D one (HSDP: ``(Replicate(),
+Shard(0))``, every shard held by each replica). The shard group is the mesh dim of the ``Shard``
+placement, read from the parameters' own DTensor mesh; the data-parallel group is every rank.
+
+Staleness: after a forward that no backward follows (evaluation, BN recalibration) FSDP2 leaves the
+root module unsharded (the root's ``reshard_after_forward`` is False), and the next forward would
+use that copy instead of the local shards the engine edits in place. The backend reshards after
+every such forward and whenever the engine edits the shards (``refresh_model_weights``).
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..config.errors import ConfigError
@@ -42,6 +51,68 @@ def fsdp2_flat_offset(p: torch.Tensor) -> int:
     _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     strides = torch.empty(p.shape, device="meta").stride()
     return sum(o * s for o, s in zip(global_offset, strides))
+
+
+def fsdp2_reshard(model: torch.nn.Module) -> None:
+    """Free the unsharded parameters of every FSDP module of ``model`` (local, no collective), so
+    the next forward all-gathers the current local shards. A no-op where already sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _reshard_after_inference(module: torch.nn.Module, inputs, output) -> None:
+    """Forward hook on the root, run after FSDP's own: a forward in eval mode or without grad
+    (evaluation, BN recalibration) is resharded at once. A backward after an eval-mode forward
+    with grad still works: FSDP's pre-backward hook all-gathers again, as for non-root modules."""
+    if not (torch.is_grad_enabled() and module.training):
+        fsdp2_reshard(module)
+
+
+def fsdp2_mesh_groups(model: torch.nn.Module) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """(shard group, data-parallel group) of a ``fully_shard``-ed model, read from its parameters'
+    DTensor mesh and placements. The shard group spans ranks holding different rows of the same
+    tensors (the mesh dim of ``Shard(0)``); the data-parallel group spans every rank (replicas
+    and shards alike: each sees different data), i.e. the default group. Raises ``ValueError``
+    for what the selection cannot handle: unsharded parameters, several meshes, a shard on
+    another dim than 0, tensor parallelism (two sharded mesh dims) or a mesh not spanning all ranks."""
+    meshes = {}
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            raise ValueError(
+                f"FSDP2: parameter {name!r} is not a DTensor (not managed by fully_shard); apply "
+                "fully_shard to the root module too (fsdp2_shard_model does) so every weight is sharded"
+            )
+        meshes.setdefault((p.device_mesh, tuple(p.placements)), name)
+    if len(meshes) != 1:
+        described = "; ".join(f"{n!r} on {m} with {pl}" for (m, pl), n in meshes.items())
+        raise ValueError(
+            f"FSDP2: parameters are sharded over different meshes or placements ({described}); "
+            "the selection needs one shard group: shard every module with the same mesh"
+        )
+    ((mesh, placements),) = meshes
+    shard_dims = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
+    ok = (
+        mesh.ndim in (1, 2)
+        and len(shard_dims) == 1
+        and type(placements[shard_dims[0]]) is Shard
+        and placements[shard_dims[0]].dim == 0
+    )
+    if not ok:
+        raise ValueError(
+            f"FSDP2: placements {placements} on a {mesh.ndim}-D mesh {mesh.mesh_dim_names} are not "
+            "supported: sparse_sup needs parameters sharded on dim 0 over exactly one mesh dim "
+            "((Shard(0),) for FSDP or (Replicate(), Shard(0)) for HSDP); use fully_shard's default "
+            "shard_placement_fn and no tensor parallelism"
+        )
+    if mesh.size() != dist.get_world_size():
+        raise ValueError(
+            f"FSDP2: the mesh {tuple(mesh.shape)} spans {mesh.size()} of {dist.get_world_size()} ranks; "
+            "sparse_sup needs it to span every rank (evaluation and BN statistics pool over all of them)"
+        )
+    return mesh.get_group(shard_dims[0]), None
 
 
 def fsdp2_shard_model(model: torch.nn.Module, mesh=None, mp_policy=None) -> torch.nn.Module:
@@ -77,8 +148,9 @@ def check_fsdp2_mixed_precision(model: torch.nn.Module, mixed_precision: str) ->
 
 
 class FSDP2Backend:
-    """Local shards of a ``fully_shard``-ed model. ``shard`` and ``data_parallel`` are the same
-    group here (pure FSDP: every rank holds different rows and sees different data)."""
+    """Local shards of a ``fully_shard``-ed model. ``shard`` sums over the shard group (the mesh
+    dim of ``Shard(0)``: every rank under FSDP, one replica's ranks under HSDP), ``data_parallel``
+    over every rank (see ``fsdp2_mesh_groups``)."""
 
     kind = "fsdp2"
     lockstep = True  # every forward all-gathers parameters
@@ -89,15 +161,24 @@ class FSDP2Backend:
         model: torch.nn.Module,
         optimizer,
         target_names: list[str],
-        group: dist.ProcessGroup | None = None,
         options: StepOptions | None = None,
     ) -> None:
         self.model = self.module = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.target_names = [normalize_name(n) for n in target_names]
-        self.shard: Collectives = ProcessGroupCollectives(group)
-        self.data_parallel: Collectives = self.shard
+        fsdp2_reshard(model)  # named_parameters() gives the DTensors only while sharded
+        shard_group, data_parallel_group = fsdp2_mesh_groups(model)
+        self.shard: Collectives = ProcessGroupCollectives(shard_group)
+        self.data_parallel: Collectives = ProcessGroupCollectives(data_parallel_group)
         self._step = TorchOptimizerStep(self.optimizer, options)
+        if getattr(model, "_sparse_sup_reshard_hook", None) is None:  # once per model
+            model._sparse_sup_reshard_hook = model.register_forward_hook(_reshard_after_inference)
+
+    def _parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The sharded parameters (DTensors) by name; resharding first, since an unsharded FSDP
+        module registers its plain unsharded tensors instead (local, no collective)."""
+        fsdp2_reshard(self.model)
+        return {normalize_name(n): p for n, p in self.model.named_parameters()}
 
     def _target(self, name: str, p: torch.nn.Parameter) -> Target:
         def grad() -> torch.Tensor | None:
@@ -117,14 +198,17 @@ class FSDP2Backend:
         )
 
     def targets(self) -> list[Target]:
-        params = {normalize_name(n): p for n, p in self.model.named_parameters()}
+        params = self._parameters()
         missing = [n for n in self.target_names if n not in params]
         if missing:
             raise KeyError(f"target parameters not found in the sharded model: {missing[:5]}")
         return [self._target(n, params[n]) for n in self.target_names]
 
     def refresh_model_weights(self) -> None:
-        """Targets alias the model's own weights: nothing to propagate."""
+        """Targets alias the local shards, but an unsharded copy may outlive a forward (see the
+        module doc): reshard every FSDP module, so the next forward all-gathers the edited shards.
+        Local, no collective."""
+        fsdp2_reshard(self.model)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -161,6 +245,7 @@ class FSDP2Backend:
 
     def load_training_state(self, directory: Path) -> None:
         dcp_load(self.model, self.optimizer, directory)
+        fsdp2_reshard(self.model)  # the loaded shards, not an older unsharded copy, feed the next forward
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Whole tensors of the model state (collective: all-gathers every parameter)."""
@@ -170,8 +255,9 @@ class FSDP2Backend:
         }
 
     def full_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Whole masks (collective): each local mask is laid out like its parameter's shard."""
-        params = {normalize_name(n): p for n, p in self.model.named_parameters()}
+        """Whole masks (collective: all-gathers each over the shard group; under HSDP every
+        replica holds the same shards): each local mask is laid out like its parameter's shard."""
+        params = self._parameters()
         full = {}
         for name, mask in masks.items():
             p = params[name]

@@ -2,10 +2,14 @@
 float64, as a single-process reference or under real DDP / FSDP2 process groups (gloo).
 
     torchrun --nproc_per_node=2 equivalence_worker.py --mode fsdp2 --method rigl --out r.pt
+    torchrun --nproc_per_node=4 equivalence_worker.py --mode hsdp --method granet --out r.pt
     python equivalence_worker.py --mode reference --world 2 --method rigl --out ref.pt
 
 The reference processes each rank's slice of every global batch separately (so BatchNorm sees the
 same micro-batches) and sums the gradients / world size, exactly what DDP and FSDP2 compute.
+Mode ``hsdp``: FSDP2 on a (replicate=W/2, shard=2) mesh. Sharded runs also evaluate at the end of
+phase 1 and at each ticket without any save in between (a save's ``state_dict()`` reshards FSDP2
+and would hide stale unsharded parameters).
 """
 
 from __future__ import annotations
@@ -105,6 +109,12 @@ class Recorder(EngineHooks):
     def __init__(self, run) -> None:
         self.run = run
 
+    def on_phase1_end(self, engine):
+        self.run.evaluate_between()  # P; the re-exploration then edits the shards
+
+    def on_ticket(self, engine, index):
+        self.run.evaluate_between()  # T_i; S_i is then swapped into the shards
+
     def on_topology_update(self, engine, kind, swapped):
         self.run.events.append((engine.step, kind, self.run.full_masks(engine.masks.masks)))
 
@@ -112,9 +122,8 @@ class Recorder(EngineHooks):
         self.run.recalibrate()
 
     def on_superposed(self, engine, index):
-        self.run.superposed.append(
-            {"accuracy": self.run.accuracy(), "state": self.run.full_state(), "step": engine.step}
-        )
+        state = self.run.full_state()  # first: its state_dict() reshards FSDP2 (see the module doc)
+        self.run.superposed.append({"accuracy": self.run.accuracy(), "state": state, "step": engine.step})
 
 
 class ToyRun:
@@ -160,9 +169,14 @@ class ToyRun:
                 )
                 self.module = self.model.module
             else:
+                from torch.distributed.device_mesh import init_device_mesh
+
                 from sparse_sup.backends.fsdp2 import fsdp2_shard_model
 
-                self.model = self.module = fsdp2_shard_model(model)
+                mesh = None  # fsdp2: a 1-D mesh over all ranks; hsdp: shards replicated W/2 times
+                if mode == "hsdp":
+                    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
+                self.model = self.module = fsdp2_shard_model(model, mesh=mesh)
                 self.optimizer = torch.optim.SGD(
                     self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
                 )
@@ -185,8 +199,16 @@ class ToyRun:
             EVAL_BATCH,
             self.dp,
             torch.device("cpu"),
-            lockstep=self.mode in ("fsdp2", "zero3"),
+            lockstep=self.mode in ("fsdp2", "hsdp", "zero3"),
         )
+
+    def evaluate_between(self):
+        """FSDP2 only: an evaluation forward between training steps, with no save after it."""
+        if self.mode in ("fsdp2", "hsdp"):
+            result = evaluate(
+                self.module, self.test_data, EVAL_BATCH, self.dp, torch.device("cpu"), lockstep=True
+            )
+            assert result["count"] == NUM_TEST
 
     def check_deepspeed_masks(self):
         """After every step: masked positions exactly zero in the fp32 master fragment, in every
@@ -221,7 +243,7 @@ class ToyRun:
         order = torch.arange(NUM_TRAIN)
         num = NUM_TRAIN // BN_BATCH
         mine = list(range(self.dp.rank, num, self.dp.world_size))
-        rounds = -(-num // self.dp.world_size) if self.mode in ("fsdp2", "zero3") else len(mine)
+        rounds = -(-num // self.dp.world_size) if self.mode in ("fsdp2", "hsdp", "zero3") else len(mine)
 
         def batches():
             for i in range(rounds):
@@ -274,10 +296,39 @@ class ToyRun:
         }
 
 
+def check_fsdp2_refusals(mesh) -> None:
+    """HSDP mode: FSDP2Backend refuses, with a ValueError naming the fix, what its selection
+    cannot handle: a shard on dim 1, tensor parallelism (two sharded mesh dims), a mesh over
+    only some ranks, an unsharded parameter."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sparse_sup.backends.fsdp2 import FSDP2Backend
+
+    def linear():
+        return nn.Linear(4, 4, bias=False)
+
+    tp = linear()
+    tp.weight = nn.Parameter(distribute_tensor(tp.weight.detach(), mesh, [Shard(0), Shard(1)]))
+    cases = {
+        "sharded on dim 0": fully_shard(linear(), mesh=mesh, shard_placement_fn=lambda p: Shard(1)),
+        "no tensor parallelism": tp,
+        "span every rank": fully_shard(linear(), mesh=mesh["shard"]),
+        "apply fully_shard": linear(),
+    }
+    for fix, model in cases.items():
+        try:
+            FSDP2Backend(model, None, ["weight"])
+        except ValueError as e:
+            assert fix in str(e), e
+        else:
+            raise AssertionError(f"FSDP2Backend accepted a model it must refuse ({fix})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--mode", choices=["reference", "ddp", "fsdp2", "zero1", "zero2", "zero3"], required=True
+        "--mode", choices=["reference", "ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3"], required=True
     )
     parser.add_argument("--float32", action="store_true", help="compute in float32 (DeepSpeed masters)")
     parser.add_argument("--method", default="rigl")
@@ -296,6 +347,8 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     run = ToyRun(args.mode, args.method, dist.get_world_size(), dtype, args.accum)
+    if args.mode == "hsdp":
+        check_fsdp2_refusals(next(run.model.parameters()).device_mesh)
     result = run.recalibrate_and_evaluate() if args.bn_eval else run.train()
     if dist.get_rank() == 0:
         torch.save(result, args.out)
