@@ -12,8 +12,13 @@ the step is called by ``engine.step()`` or inside ``accelerator.backward()``.
 Private DeepSpeed APIs used (pinned by tests/distributed): ZeRO-1/2 ``param._hp_mapping``
 (``lp_fragment_address``, ``hp_fragment``, ``get_hp_fragment``, ``get_lp_grad_fragment``),
 ``param._index_in_param_group``, ``optimizer.update_lp_params()``; ZeRO-3 ``param.ds_tensor``,
-``ds_numel``, ``ds_process_group``. Nothing here gathers a whole parameter except ``full_state`` /
-``full_masks`` (the consolidated export and tests).
+``ds_numel``, ``ds_process_group``, ``optimizer._get_fp32_grad_state_partition``. Nothing here
+gathers a whole parameter except ``full_state`` / ``full_masks`` (the consolidated export and tests).
+
+Under bf16/fp16 DeepSpeed casts the module's parameters (not its buffers, unless
+``data_types.buffer_dtype`` says so) and runs no autocast: ``input_dtype`` tells the loop to cast
+inputs. The fp32 masters, optimizer state and masks stay in fp32; the gradient fragments the
+optimizer steps from are in the gradient-accumulation dtype (bf16 unless configured).
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ from .base import Layout
 from .collectives import ProcessGroupCollectives
 
 
+def deepspeed_input_dtype(ds_engine) -> torch.dtype | None:
+    """The dtype of the module's parameters under DeepSpeed's bf16/fp16 modes, None in fp32: DeepSpeed
+    casts the parameters itself and runs no autocast, so fp32 inputs fail at the first layer
+    ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same")."""
+    if ds_engine.bfloat16_enabled():
+        return torch.bfloat16
+    if ds_engine.fp16_enabled():
+        return torch.float16
+    return None
+
+
 class DeepSpeedBackend:
     """Targets over a ``DeepSpeedEngine``'s fp32 master fragments (ZeRO stage 1, 2 or 3)."""
 
@@ -43,6 +59,7 @@ class DeepSpeedBackend:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"sparse_sup needs ZeRO stage 1, 2 or 3 with DeepSpeed, got stage {self.stage}")
         self.lockstep = self.stage == 3  # ZeRO-3 forwards all-gather parameters
+        self.input_dtype = deepspeed_input_dtype(ds_engine)
         self.module = ds_engine.module
         self.target_names = [normalize_name(n) for n in target_names]
         self.shard: Collectives = ProcessGroupCollectives()
@@ -54,14 +71,17 @@ class DeepSpeedBackend:
 
     # ---- fragments of one parameter ----------------------------------------------------------
     def _fragment(self, p: torch.nn.Parameter) -> tuple[int, torch.Tensor]:
-        """(global flat offset, fp32 master fragment view) of this rank's piece of ``p``."""
+        """(global flat offset, fp32 master fragment view) of this rank's piece of ``p``; a rank
+        holding none of its elements gets an empty fragment at offset ``min(offset, numel)``."""
         if self.stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param
 
             rank = dist.get_rank(group=p.ds_process_group)
-            per_rank = p.ds_tensor.numel()
-            offset = rank * per_rank
-            n = max(0, min(per_rank, p.ds_numel - offset))  # the last rank's tail is padding
+            per_rank = p.ds_tensor.numel()  # ceil(numel / world): the last ranks' tails are padding
+            # on 3+ ranks a small parameter can leave a rank only padding (10 elements on 8 ranks:
+            # ranks 6 and 7 would start at 12 and 14); an empty run must still lie inside the tensor
+            offset = min(rank * per_rank, p.ds_numel)
+            n = min(per_rank, p.ds_numel - offset)
             return offset, safe_get_local_fp32_param(p).detach().view(-1)[:n]
         mapping = p._hp_mapping
         if mapping is None:  # this rank holds no element of p
@@ -69,14 +89,18 @@ class DeepSpeedBackend:
         return mapping.lp_fragment_address.start, mapping.hp_fragment.detach().view(-1)
 
     def _grad(self, p: torch.nn.Parameter, n: int) -> torch.Tensor | None:
-        """The reduced (averaged) gradient fragment; valid at the boundary, inside the step."""
-        if n == 0:
+        """A view of the reduced (averaged) gradient fragment the optimizer steps from, in the
+        gradient-accumulation dtype (bf16/fp16 under those modes); valid inside the step, before
+        DeepSpeed's own step runs. Writes (masking) land where the optimizer reads."""
+        if n == 0 or not p.requires_grad:
             return None
         if self.stage == 3:
-            from deepspeed.utils import safe_get_local_grad
-
-            grad = safe_get_local_grad(p)
-            return None if grad is None else grad.view(-1)[:n]
+            # not safe_get_local_grad: its ``.float()`` copies a bf16/fp16 partition, so zeroing the
+            # result would leave the optimizer's gradient unmasked. This is the tensor it wraps: a view
+            # of the partition buffer that ``step()`` flattens into the fp32 master's ``.grad`` (or,
+            # with optimizer offload, of that ``.grad`` itself)
+            grad, _ = self.optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=True)
+            return grad.view(-1)[:n]
         mapping = p._hp_mapping
         grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
         if grad.numel() == p.numel() and n != p.numel():  # BF16_Optimizer keeps the whole grad

@@ -47,6 +47,13 @@ def fill_deepspeed_config(source: str | Path | dict, config: Config, world_size:
     for precision in ("bf16", "fp16"):
         section = ds.setdefault(precision, {})
         _set(section, "enabled", config.train.precision == precision, f"{precision}.")
+    if config.train.precision in ("bf16", "fp16"):
+        # DeepSpeed 0.19 casts the parameters only; BatchNorm then meets fp32 running statistics
+        # beside 16-bit weights, which its kernel rejects ("expected scalar type BFloat16 but found
+        # Float"). Buffers in the training dtype, as DeepSpeed cast them before; a set value wins
+        data_types = ds.setdefault("data_types", {})
+        if data_types.get("buffer_dtype", "auto") == "auto":
+            data_types["buffer_dtype"] = config.train.precision
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise ConfigError(

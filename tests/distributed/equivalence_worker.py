@@ -4,6 +4,7 @@ float64, as a single-process reference or under real DDP / FSDP2 process groups 
     torchrun --nproc_per_node=2 equivalence_worker.py --mode fsdp2 --method rigl --out r.pt
     torchrun --nproc_per_node=4 equivalence_worker.py --mode hsdp --method granet --out r.pt
     python equivalence_worker.py --mode reference --world 2 --method rigl --out ref.pt
+    torchrun --nproc_per_node=2 equivalence_worker.py --mode zero3 --precision bf16 --out r.pt
 
 The reference processes each rank's slice of every global batch separately (so BatchNorm sees the
 same micro-batches) and sums the gradients / world size, exactly what DDP and FSDP2 compute.
@@ -35,6 +36,7 @@ from sparse_sup.train.evaluate import evaluate  # noqa: E402
 
 NUM_TRAIN, NUM_TEST, BATCH, EVAL_BATCH, BN_BATCH = 48, 37, 12, 5, 8
 TARGETS = ["stem.conv.weight", "body.conv.weight", "head.weight"]
+EARLY_STEP = 2  # weights are also recorded here: before the first topology update (step 3)
 
 
 class Block(nn.Module):  # the class name makes fsdp2_shard_model shard it separately
@@ -56,6 +58,21 @@ class ToyNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+class PaddedToyNet(ToyNet):
+    """ToyNet plus a 1-element parameter (PReLU): under ZeRO-3 on 3 ranks (and the 5-element head
+    bias on 4) some rank holds only padding of it, at ``rank * ceil(n / W)`` past its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.PReLU()
+
+    def forward(self, x):
+        return self.head(self.act(self.body(self.stem(x)).mean((2, 3))))
+
+
+MODELS = {"toy": ToyNet, "padded": PaddedToyNet}
 
 
 class TensorData:
@@ -128,16 +145,25 @@ class Recorder(EngineHooks):
 
 class ToyRun:
     def __init__(
-        self, mode: str, method: str, world: int, dtype: torch.dtype = torch.float64, accum: int = 1
+        self,
+        mode: str,
+        method: str,
+        world: int,
+        dtype: torch.dtype = torch.float64,
+        accum: int = 1,
+        precision: str = "fp32",
+        model: str = "toy",
+        max_steps: int | None = None,
     ) -> None:
         torch.set_default_dtype(dtype)  # DeepSpeed keeps fp32 masters: its runs compare in float32
         self.mode, self.world, self.accum = mode, world, accum
         self.rank = int(os.environ.get("RANK", 0))
         self.train_data, self.test_data = make_data()
         torch.manual_seed(0)
-        model = ToyNet()
+        model = MODELS[model]()
         config = make_config(method)
         self.plan = resolve_plan(config, NUM_TRAIN)
+        self.max_steps = min(max_steps or self.plan.total_steps, self.plan.total_steps)
         if mode == "reference":
             self.model, self.dp = model, LOCAL
             self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -162,12 +188,22 @@ class ToyRun:
                     "zero_allow_untested_optimizer": True,
                     "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0},
                     "steps_per_print": 10**9,
+                    # bf16: DeepSpeed casts the parameters and keeps fp32 masters; it leaves buffers
+                    # in fp32 unless told, and the CPU BatchNorm kernel rejects bf16 weights beside
+                    # fp32 running statistics ("expected scalar type BFloat16 but found Float")
+                    "bf16": {"enabled": precision == "bf16"},
+                    "data_types": {"buffer_dtype": "bf16"} if precision == "bf16" else {},
                 }
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
                 self.model, self.optimizer, _, _ = deepspeed.initialize(
                     model=model, optimizer=optimizer, config=ds_config
                 )
                 self.module = self.model.module
+                # masked elements found nonzero, summed over steps (this rank); "grad": where the
+                # inner optimizer reads it, the others after every step
+                self.masked_nonzero = dict.fromkeys(["grad", "master", "module", "state"], 0)
+                self.checked_grads = 0
+                self.watch_optimizer_reads(self.optimizer.optimizer)
             else:
                 from torch.distributed.device_mesh import init_device_mesh
 
@@ -181,6 +217,7 @@ class ToyRun:
                     self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
                 )
         self.backend = build_backend(self.model, self.optimizer, TARGETS)  # the engine from the type
+        self.input_dtype = self.backend.input_dtype  # the loop casts inputs to it (DeepSpeed bf16)
         self.events, self.superposed, self.checked_steps = [], [], 0
         self.engine = SupTicketsEngine.from_config(config, self.plan, self.backend, Recorder(self))
 
@@ -210,9 +247,36 @@ class ToyRun:
             )
             assert result["count"] == NUM_TEST
 
+    def watch_optimizer_reads(self, inner: torch.optim.Optimizer) -> None:
+        """Count masked gradient elements that are nonzero where DeepSpeed's inner (torch) optimizer
+        reads them: the ``.grad`` of its flat fp32 partitions, at the moment of its ``step()``. Each
+        target's fp32 master fragment is a view into one of these flat partitions."""
+        original = inner.step
+
+        def step(*args, **kwargs):
+            for group in inner.param_groups:
+                for flat in group["params"]:
+                    if flat.grad is not None:
+                        self.count_masked_grads(flat)
+            return original(*args, **kwargs)
+
+        inner.step = step
+
+    def count_masked_grads(self, flat: torch.Tensor) -> None:
+        for t in self.engine.targets:
+            n = t.param.numel()
+            if n == 0 or t.param.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+                continue
+            start = t.param.storage_offset() - flat.storage_offset()
+            grad = flat.grad.reshape(-1)[start : start + n]
+            keep = self.engine.masks.masks[t.name].reshape(-1)
+            self.masked_nonzero["grad"] += int((grad[~keep] != 0).sum())
+            self.checked_grads += 1
+
     def check_deepspeed_masks(self):
-        """After every step: masked positions exactly zero in the fp32 master fragment, in every
-        optimizer-state fragment and in this rank's piece of the model weights."""
+        """After every step: count masked positions that are nonzero in the fp32 master fragment,
+        in this rank's piece of the (possibly bf16) model weights and in every optimizer-state
+        fragment; ``masked_nonzero_totals`` asserts the counts are zero at the end."""
         for t in self.engine.targets:
             keep = self.engine.masks.masks[t.name].reshape(-1)
             p = self.backend.params[t.name]
@@ -221,9 +285,21 @@ class ToyRun:
                 model_piece = p.ds_tensor.view(-1)[:n]
             else:
                 model_piece = p.data.view(-1)[t.offset : t.offset + n]
-            for tensor in [t.param, model_piece, *t.optimizer_states()]:
-                assert bool((tensor.reshape(-1)[~keep] == 0).all()), (t.name, self.engine.step)
+            pieces = [("master", t.param), ("module", model_piece)]
+            pieces += [("state", s) for s in t.optimizer_states()]
+            for kind, tensor in pieces:
+                self.masked_nonzero[kind] += int((tensor.reshape(-1)[~keep] != 0).sum())
         self.checked_steps += 1
+
+    def masked_nonzero_totals(self) -> dict[str, int]:
+        """The counts of ``check_deepspeed_masks`` and the inner-step gradient check, summed over
+        ranks (collective)."""
+        import torch.distributed as dist
+
+        counts = torch.tensor(list(self.masked_nonzero.values()) + [self.checked_grads], dtype=torch.int64)
+        dist.all_reduce(counts)
+        totals = dict(zip([*self.masked_nonzero, "checked_grads"], counts.tolist()))
+        return totals
 
     def check_buffers_identical(self):
         """Before every evaluation the loop syncs BN buffers; they must then match on all ranks."""
@@ -249,6 +325,7 @@ class ToyRun:
             for i in range(rounds):
                 j = mine[i] if i < len(mine) else 0
                 x = self.train_data.x[order[j * BN_BATCH : (j + 1) * BN_BATCH]]
+                x = x.to(dtype=self.input_dtype)
                 yield x if i < len(mine) else Discard(x)
 
         recalibrate_batchnorm(self.module, batches(), self.dp, forward=self.model)
@@ -273,25 +350,33 @@ class ToyRun:
             if self.mode == "reference"
             else range(self.rank * self.accum, (self.rank + 1) * self.accum)
         )
-        backend = self.backend
-        while self.engine.step < self.plan.total_steps:
+        backend, early = self.backend, None
+        while self.engine.step < self.max_steps:
             epoch, step = divmod(self.engine.step, self.plan.steps_per_epoch)
             batch = sampler.global_batch(epoch, step)
             for i, s in enumerate(slices):
                 idx = torch.tensor(batch[s * micro : (s + 1) * micro])
                 with backend.gradient_sync(i == len(slices) - 1):
-                    loss = F.cross_entropy(backend.model(self.train_data.x[idx]), self.train_data.y[idx])
+                    x = self.train_data.x[idx].to(dtype=self.input_dtype)
+                    logits = backend.model(x).to(self.train_data.x.dtype)  # bf16 logits: loss in fp32
+                    loss = F.cross_entropy(logits, self.train_data.y[idx])
                     backend.backward(loss, len(slices))
             assert backend.optimizer_step()
+            if self.engine.step == EARLY_STEP:
+                early = self.full_state()
             if self.mode.startswith("zero"):
                 self.check_deepspeed_masks()
         return {
             "events": self.events,
             "superposed": self.superposed,
+            "early": early,
             "final": self.full_state(),
+            "final_masks": self.full_masks(self.engine.masks.masks),
             "step": self.engine.step,
             "world": self.world,
             "checked_steps": self.checked_steps,
+            "masked_nonzero": self.masked_nonzero_totals() if self.mode.startswith("zero") else None,
+            "input_dtype": self.input_dtype,
             "deepspeed_global_steps": getattr(self.model, "global_steps", None),
         }
 
@@ -336,6 +421,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--bn-eval", action="store_true", help="only recalibrate BN and evaluate")
     parser.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per rank")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="DeepSpeed only")
+    parser.add_argument("--model", choices=sorted(MODELS), default="toy")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop early (results: at that step)")
+    parser.add_argument("--ticket", default=None, help="then write the model as a ticket to this dir")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dtype = torch.float32 if args.float32 else torch.float64
@@ -346,12 +435,27 @@ def main() -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    run = ToyRun(args.mode, args.method, dist.get_world_size(), dtype, args.accum)
+    world = dist.get_world_size()
+    run = ToyRun(args.mode, args.method, world, dtype, args.accum, args.precision, args.model, args.max_steps)
     if args.mode == "hsdp":
         check_fsdp2_refusals(next(run.model.parameters()).device_mesh)
     result = run.recalibrate_and_evaluate() if args.bn_eval else run.train()
+    if args.ticket:  # how the loop writes tickets and the final model (collective)
+        from sparse_sup.backends.buffers import sync_buffers
+        from sparse_sup.checkpoint.tickets import save_model_checkpoint
+
+        sync_buffers(run.module, run.dp)  # each rank writes a part of the replicated BN buffers
+        result["final"] = run.full_state()
+        meta = {"step": run.engine.step}
+        save_model_checkpoint(Path(args.ticket), run.backend, run.engine.masks.masks, meta)
     if dist.get_rank() == 0:
         torch.save(result, args.out)
+    counts = result.get("masked_nonzero")
+    if counts:  # after saving: a test reads the numbers, the exit status fails the older tests
+        nonzero = [v for k, v in counts.items() if k != "checked_grads"]
+        assert counts["checked_grads"] > 0 and not any(nonzero), (
+            f"masked elements nonzero (summed over steps and ranks): {counts}"
+        )
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
