@@ -216,6 +216,9 @@ class FSDP2Backend:
         }
 
     def layouts(self) -> dict[str, Layout]:
+        """Parameters: this rank's run of the full tensor; buffers: whole (``replicated``). Under
+        HSDP every replica reports the same run of a parameter, so a checkpoint writer must let one
+        replica write it (``save_sharded`` refuses runs held twice) -- not yet expressed here."""
         return {
             normalize_name(n): Layout(tuple(t.shape), fsdp2_flat_offset(t), not isinstance(t, DTensor))
             for n, t in self.model.state_dict(keep_vars=True).items()
@@ -248,7 +251,8 @@ class FSDP2Backend:
         fsdp2_reshard(self.model)  # the loaded shards, not an older unsharded copy, feed the next forward
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """Whole tensors of the model state (collective: all-gathers every parameter)."""
+        """Whole tensors of the model state (collective: all-gathers every parameter over the
+        shard group)."""
         return {
             normalize_name(k): v.full_tensor() if isinstance(v, DTensor) else v
             for k, v in self.model.state_dict().items()
