@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +44,15 @@ class StepOptions:
 
     ``backward``: the function that back-propagates a loss (Accelerate's, which applies a loss
     scaler); ``scaler``: the ``GradScaler`` behind it, if any — it then decides, on overflow, to skip
-    the step and lower the scale."""
+    the step and lower the scale. ``external_step``: someone else calls ``optimizer.step()`` (the
+    Trainer through Accelerate, which drives the scaler itself): the engine is hooked into it for
+    good, instead of only around ``optimizer_step()``."""
 
     max_grad_norm: float | None = None
     skip_nonfinite: bool = True
     backward: Callable[[torch.Tensor], None] | None = None
     scaler: object | None = None
+    external_step: bool = False
 
 
 class Backend(Protocol):
@@ -102,15 +106,89 @@ class Backend(Protocol):
         """Inverse of ``save_training_state`` at the same world size (collective)."""
 
 
+def lr_ratios(param_groups: list[dict]) -> list[float]:
+    """Each parameter group's LR relative to group 0's (layer-wise decay, a head at its own LR): from
+    ``initial_lr``, which a torch scheduler records, else from the LR the group holds now."""
+    lrs = [group.get("initial_lr", group["lr"]) for group in param_groups]
+    return [lr / lrs[0] if lrs[0] else 1.0 for lr in lrs]
+
+
+def set_lrs(param_groups: list[dict], lr: float, ratios: list[float]) -> None:
+    """Group 0 at ``lr`` (the engine's: the base schedule, then the cycle triangle), every other group
+    at its ratio of it."""
+    for group, ratio in zip(param_groups, ratios, strict=True):
+        group["lr"] = ratio * lr
+
+
+def stepping_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that takes the step, under wrappers that proxy ``.optimizer`` (Accelerate's
+    ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` but has no step hooks of its own)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+# optimizer -> handles of the step hooks of the one engine running inside it (a later engine, e.g. a
+# second Trainer.train(), replaces them instead of running beside them)
+_hooked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class TorchOptimizerStep:
-    """The step of a plain torch optimizer (one process, DDP, FSDP2), in the order SPEC requires:
-    unscale once -> engine reads RigL scores and zeroes masked gradients -> clip -> step (the
-    scaler decides on overflow) -> engine enforces masks and counts the step if it was applied."""
+    """The real step of a plain torch optimizer (one process, DDP, FSDP2), in the order SPEC requires:
+    [a scaler unscales once and skips the step on overflow: nothing below runs] -> engine reads RigL
+    scores and zeroes masked gradients -> clip -> LR of each group -> step -> engine enforces masks and
+    counts the step. A non-finite gradient (``skip_nonfinite``) skips the step: it counts for nothing.
+
+    The engine runs in torch's step pre/post hooks of the optimizer, so the same code runs whoever
+    calls ``optimizer.step()``: ``step()`` here (the CLI loop; hooks armed for that call only, so code
+    that drives the engine by hand around its own ``optimizer.step()`` is left alone), or, with
+    ``StepOptions.external_step``, the Trainer and Accelerate (hooks armed when the engine attaches;
+    they fire inside Accelerate's GradScaler path too, which swaps the optimizer's ``step`` method)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, options: StepOptions | None) -> None:
         self.optimizer = optimizer
         self.options = options or StepOptions()
-        self.engine = None
+        self._engine = None
+        self._ratios: list[float] = []
+        self._skipping = False
+        self.applied = False  # whether the last real step was applied
+
+    @property
+    def engine(self):
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        """The backend's ``attach``: bind the engine (and, for an external caller, hook it in now)."""
+        self._engine = engine
+        if self.optimizer is not None:
+            self._ratios = lr_ratios(self.optimizer.param_groups)
+            if self.options.external_step:
+                self._hook()
+
+    def _hook(self) -> None:
+        optimizer = stepping_optimizer(self.optimizer)
+        for handle in _hooked.pop(optimizer, ()):
+            handle.remove()
+        pre = optimizer.register_step_pre_hook(self._before_step)
+        post = optimizer.register_step_post_hook(self._after_step)
+        # first of their kind, whenever others were registered: any other hook sees the gradient the
+        # step uses (masked, clipped) and the weights it left (masked)
+        optimizer._optimizer_step_pre_hooks.move_to_end(pre.id, last=False)
+        optimizer._optimizer_step_post_hooks.move_to_end(post.id, last=False)
+        _hooked[optimizer] = (pre, post)
+
+    @contextlib.contextmanager
+    def _hooked_here(self) -> Iterator[None]:
+        if self.options.external_step:
+            yield
+            return
+        self._hook()
+        try:
+            yield
+        finally:
+            for handle in _hooked.pop(stepping_optimizer(self.optimizer), ()):
+                handle.remove()
 
     def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
         loss = loss / accum_steps
@@ -122,7 +200,7 @@ class TorchOptimizerStep:
     def _grads_finite(self, params: list[torch.Tensor]) -> bool:
         max_norm = self.options.max_grad_norm
         if max_norm:
-            # after the one explicit unscale: the plain torch clip (Accelerate's would unscale again)
+            # after the scaler's one unscale: the plain torch clip (Accelerate's would unscale again)
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             return bool(torch.isfinite(norm))
@@ -132,27 +210,35 @@ class TorchOptimizerStep:
         norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
         return bool(torch.isfinite(torch.stack(norms)).all())
 
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """Step pre-hook: gradients are accumulated, reduced and unscaled, not yet clipped."""
+        self._engine.before_optimizer_step()
+        params = self._params()
+        self._skipping = not self._grads_finite(params) and self.options.skip_nonfinite
+        if self._skipping:  # a step without gradients changes no weight and no optimizer state
+            for p in params:
+                p.grad = None
+        set_lrs(optimizer.param_groups, self._engine.lr(), self._ratios)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.applied = not self._skipping
+        self._engine.after_optimizer_step(skipped=self._skipping)
+
     def step(self) -> bool:
-        engine, optimizer, scaler = self.engine, self.optimizer, self.options.scaler
-        for group in optimizer.param_groups:
-            group["lr"] = engine.lr()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        engine.before_optimizer_step()
-        finite = self._grads_finite(self._params())
-        if scaler is not None:  # the scaler alone decides (a non-finite gradient was found by unscale_)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skips the step itself if unscale_ found inf/NaN
-            scaler.update()
-            applied = scaler.get_scale() >= scale  # an overflow lowers the scale (as Accelerate reads it)
-        elif finite or not self.options.skip_nonfinite:
-            optimizer.step()
-            applied = True
-        else:
-            applied = False
-        engine.after_optimizer_step(skipped=not applied)
+        """The CLI loop's step after its last micro-batch; False if it was skipped."""
+        optimizer, scaler = self.optimizer, self.options.scaler
+        self.applied = False  # stays False where the scaler skips the step (no hook runs)
+        with self._hooked_here():
+            if scaler is not None:
+                # unscaled here, once: a fused optimizer would otherwise unscale inside its own step,
+                # after the hooks saw (and clipped) scaled gradients
+                scaler.unscale_(optimizer)
+                scaler.step(optimizer)  # skips the step itself if unscale_ found inf/NaN
+                scaler.update()
+            else:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return applied
+        return self.applied
 
 
 @contextlib.contextmanager

@@ -1,35 +1,39 @@
 """``SupTicketsTrainer``: Sup-tickets inside a Hugging Face ``Trainer``, on the CLI's engine and backends.
 
-The Trainer keeps its loop (data, accumulation, clipping, mixed precision, DDP / DeepSpeed / FSDP2,
-logging, checkpoints); the ``SupTicketsEngine`` runs around its optimizer step exactly as in the CLI:
+The Trainer keeps its loop (data, accumulation, mixed precision, DDP / DeepSpeed / FSDP2, logging,
+checkpoints); the ``SupTicketsEngine`` runs inside the real optimizer step exactly as in the CLI, hooked
+there by the backend's ``attach`` (torch optimizers: step hooks; DeepSpeed: its own step, run inside
+``backward``), so nothing here depends on the engine:
 
-- at the sync boundary, before the Trainer clips (end of ``training_step``), the engine reads RigL
-  scores from the accumulated, unclipped gradient and zeroes masked gradients; under DeepSpeed the
-  backend's wrapper does this inside DeepSpeed's own step (which runs inside ``backward``);
-- after the real optimizer step (a wrapper around the Trainer's optimizer ``step``, or DeepSpeed's)
-  it enforces masks and counts the step unless it was skipped (fp16 overflow);
-- the phase plan is the Trainer's own step count; the LR is the user's scheduler (built over phase 1)
-  and the triangle in the cycles, which is what the Trainer logs as ``learning_rate``;
+- in the real step, before clipping, the engine reads RigL scores from the accumulated, unclipped,
+  unscaled gradient and zeroes masked gradients; the backend then clips (``max_grad_norm``; the
+  Trainer's own clipping is off, it only reads the norm for its logs), steps, enforces masks and
+  counts the step unless it was skipped (fp16 overflow, non-finite gradient);
+- the phase plan is the Trainer's step budget in *applied* optimizer steps: every skipped step adds one
+  Trainer step to ``state.max_steps``, so a run with skips still ends with S_M;
+- the LR is the user's scheduler (built over phase 1) and the triangle in the cycles, written into each
+  parameter group at its ratio to group 0 in the real step: what the Trainer logs as ``learning_rate``;
 - engine state (masks, counters, superposition chain) is saved per rank into every Trainer checkpoint
-  (``checkpoint-N/sparse_sup/rank{r}.pt``) and restored by ``train(resume_from_checkpoint=...)``.
+  (``checkpoint-N/sparse_sup/rank{r}.pt``, before the Trainer's files) and restored by
+  ``train(resume_from_checkpoint=...)``, which only resumes from a folder holding both parts.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
-import os
+import re
+import sys
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 
-from ..backends import build_backend
+from ..backends import StepOptions, build_backend
 from ..backends.fsdp2 import check_fsdp2_mixed_precision
 from ..checkpoint import atomic_torch_save, load_verified
 from ..checkpoint.tickets import save_model_checkpoint
-from ..core.masks import MaskState
 from ..engine import EngineHooks, SupTicketsEngine
 from ..models import select_targets
 from .arguments import SparsityArguments
@@ -38,6 +42,9 @@ from .hf_data import recalibration_batches
 log = logging.getLogger(__name__)
 
 STATE_DIR = "sparse_sup"
+TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint folder
+# LR schedulers driven by evaluation metrics, not by the step: no phase-1 LR as a function of the step
+METRIC_DRIVEN_SCHEDULERS = {SchedulerType.REDUCE_ON_PLATEAU.value, getattr(SchedulerType, "GREEDY", "greedy")}
 
 
 class TrainerEngine(SupTicketsEngine):
@@ -55,11 +62,12 @@ class TrainerEngine(SupTicketsEngine):
 
 
 class SupTicketsLR:
-    """The Trainer's ``lr_scheduler``: the user's scheduler in phase 1, the cycle triangle after.
+    """The Trainer's ``lr_scheduler``: the user's scheduler, read by the engine as phase 1's LR; the
+    real step writes the LR (phase 1, then the cycle triangle) into every parameter group.
 
-    Stepped once per applied optimizer step (by the Trainer), like the scheduler it wraps, so the
-    two counters agree with the engine's. ``get_last_lr`` is what the Trainer logs as ``learning_rate``
-    (read after the step, before this scheduler's ``step``: the LR that step used)."""
+    The wrapped scheduler advances with the engine's applied steps only (the Trainer also steps it
+    after a step the backend skipped as non-finite). ``get_last_lr`` is what the Trainer logs as
+    ``learning_rate`` (read after the step, before this scheduler's ``step``: the LR that step used)."""
 
     def __init__(self, inner, trainer: SupTicketsTrainer) -> None:
         self.inner, self.trainer = inner, trainer
@@ -69,14 +77,8 @@ class SupTicketsLR:
         return self.inner.optimizer
 
     def step(self, *args, **kwargs) -> None:
-        self.inner.step(*args, **kwargs)
-        self.apply_cycle_lr()
-
-    def apply_cycle_lr(self) -> None:
-        engine = self.trainer.sparse_engine
-        if engine is not None and engine.phases.cycle_of(engine.step) is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = engine.lr()
+        if self.inner.last_epoch < self.trainer.sparse_engine.step:
+            self.inner.step(*args, **kwargs)
 
     def phase1_lr(self, step: int) -> float:
         """The user's LR for ``step`` (group 0): a pure function for ``LambdaLR`` schedulers (every
@@ -141,6 +143,9 @@ class _StartCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._start_engine()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._extend_budget()  # before DefaultFlowCallback compares global_step with max_steps
+
 
 def _accuracy(eval_pred) -> dict[str, float]:
     """Default ``compute_metrics`` (when the user gives none): top-1 accuracy of the logits."""
@@ -167,6 +172,15 @@ class SupTicketsTrainer(Trainer):
                 "SupTicketsTrainer: load_best_model_at_end=True would replace the superposed model S_M "
                 "with an earlier checkpoint; set it to False"
             )
+        scheduler = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+        if scheduler in METRIC_DRIVEN_SCHEDULERS or isinstance(
+            self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+        ):
+            raise ValueError(
+                f"SupTicketsTrainer: lr_scheduler_type='{scheduler}' sets the LR from evaluation metrics, "
+                "but Sup-tickets needs phase 1's LR as a function of the optimizer step (the cycles follow "
+                "it in the plan); use a step schedule: lr_scheduler_type='linear', 'cosine', 'constant', ..."
+            )
         if self.is_fsdp_enabled:
             if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
                 raise ValueError(
@@ -181,16 +195,17 @@ class SupTicketsTrainer(Trainer):
         self.sparse_backend = None
         self.sparse_plan = None
         self.sparse_results: dict[str, dict] = {}
-        self.skipped_steps = 0
         self._sup_steps_per_epoch = 1
         self._sup_resume: str | None = None
         self.callback_handler.callbacks.insert(0, _StartCallback(self))
 
     # ---- plan and LR ----------------------------------------------------------------------------
     def set_initial_training_values(self, args, dataloader):
-        values = super().set_initial_training_values(args, dataloader)
-        self._sup_steps_per_epoch = values[1]  # optimizer steps per epoch, accumulation included
-        return values
+        num_train_epochs, steps_per_epoch, *values = super().set_initial_training_values(args, dataloader)
+        self._sup_steps_per_epoch = steps_per_epoch  # optimizer steps per epoch, accumulation included
+        # the step budget (state.max_steps, grown by skipped steps) ends the run, not the epoch count:
+        # what the Trainer itself does for a dataset without a length
+        return sys.maxsize, steps_per_epoch, *values
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The user's scheduler over phase 1 (``num_training_steps`` = the Trainer's budget), wrapped."""
@@ -202,13 +217,24 @@ class SupTicketsTrainer(Trainer):
         self.lr_scheduler = SupTicketsLR(inner, self)
         return self.lr_scheduler
 
-    # ---- the engine around the Trainer's step -----------------------------------------------------
+    # ---- the engine in the Trainer's step ---------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if self.sparse_engine is not None and not resume_from_checkpoint and self.model_init is None:
+            raise ValueError(
+                "SupTicketsTrainer.train() already ran: the model holds that sparse run's weights. Pass "
+                "resume_from_checkpoint (a checkpoint folder, or True for the last one) to continue it, "
+                "or build a new SupTicketsTrainer (or give model_init) to train again"
+            )
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        elif resume_from_checkpoint:
+            missing = self._missing_parts(Path(resume_from_checkpoint))
+            if missing:
                 raise ValueError(
-                    f"resume_from_checkpoint=True: no checkpoint found in {self.args.output_dir}"
+                    f"{resume_from_checkpoint} is incomplete (no {', '.join(missing)}): its save was "
+                    f"interrupted, or it was not written by SupTicketsTrainer with {self.args.world_size} "
+                    "process(es); resume from an earlier checkpoint, or pass resume_from_checkpoint=True "
+                    "for the last complete one"
                 )
         self._sup_resume = resume_from_checkpoint or None
         output = super().train(resume_from_checkpoint, *args, **kwargs)
@@ -223,9 +249,28 @@ class SupTicketsTrainer(Trainer):
         self._record("final")
         return output
 
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped (overflow, non-finite): the Trainer counts them, the engine does not."""
+        return self.state.global_step - self.sparse_engine.step
+
+    def _extend_budget(self) -> None:
+        """The plan counts applied steps: the Trainer runs one more step for every skipped one."""
+        max_steps = self.sparse_plan.total_steps + self.skipped_steps
+        if max_steps != self.state.max_steps:
+            log.info(
+                "%d optimizer step(s) skipped: training runs to Trainer step %d",
+                self.skipped_steps,
+                max_steps,
+            )
+            self.state.max_steps = max_steps
+
     def _start_engine(self) -> None:
         sa = self.sparsity_args
-        backend = build_backend(self.model_wrapped, self.optimizer, self.target_names)
+        # the backend hooks the engine into whatever real step the Trainer's optimizer takes, and
+        # clips there, after the engine zeroed masked gradients (DeepSpeed clips in its own step)
+        options = StepOptions(max_grad_norm=self.args.max_grad_norm or None, external_step=True)
+        backend = build_backend(self.model_wrapped, self.optimizer, self.target_names, options)
         engine = TrainerEngine(
             sparse=sa.sparse_config(),
             tickets=sa.tickets_config(),
@@ -238,16 +283,12 @@ class SupTicketsTrainer(Trainer):
             phase1_lr=self.lr_scheduler.phase1_lr,
         )
         self.sparse_backend, self.sparse_engine = backend, engine
-        self.sparse_results, self.skipped_steps = {}, 0
-        # the engine attached itself to the backend: under DeepSpeed it runs inside DeepSpeed's step
-        # (which runs inside backward); a torch optimizer's step is the Trainer's, wrapped here
-        if not self.is_deepspeed_enabled:
-            self._wrap_optimizer_step()
+        self.sparse_results = {}
         if self._sup_resume:
             self._load_sparse_state(self._sup_resume)  # the Trainer already restored weights and optimizer
         else:
             engine.init_masks()
-        self.lr_scheduler.apply_cycle_lr()
+        self._extend_budget()  # by the steps a resumed run had skipped
         log.info(
             "Sup-tickets: %s over %d process(es), %d targets, density %.4f",
             backend.kind,
@@ -256,27 +297,11 @@ class SupTicketsTrainer(Trainer):
             engine.masks.density(engine.targets),
         )
 
-    def _wrap_optimizer_step(self) -> None:
-        """After the Trainer's real ``optimizer.step()``: enforce masks, count the step if applied."""
-        optimizer, original = self.optimizer, self.optimizer.step
-
-        @functools.wraps(original)  # keeps the LR scheduler's marker on the step it wrapped
-        def step(*args, **kwargs):
-            result = original(*args, **kwargs)
-            skipped = bool(self.accelerator.optimizer_step_was_skipped)
-            self.skipped_steps += skipped
-            self.sparse_engine.after_optimizer_step(skipped=skipped)
-            return result
-
-        optimizer.step = step
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        # the sync boundary: gradients are accumulated and reduced, not yet clipped (the Trainer clips
-        # next); DeepSpeed instead runs the engine inside its own step, within the backward above
-        if not self.is_deepspeed_enabled and self.accelerator.sync_gradients:
-            self.sparse_engine.before_optimizer_step()
-        return loss
+    def _clip_grad_norm(self, model):
+        """No clipping before the step: the backend clips inside it, after the engine read RigL scores
+        from the unclipped gradient and zeroed masked ones. The Trainer then reads the (dense) gradient
+        norm for its logs only."""
+        return None
 
     # ---- evaluation, BN, tickets ----------------------------------------------------------------
     def _record(self, label: str, snapshot: str | None = None, masks=None, density=None) -> None:
@@ -323,48 +348,65 @@ class SupTicketsTrainer(Trainer):
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
-        """Engine state first (per rank), then the Trainer's own files: a checkpoint folder that has
-        the Trainer's state always has the sparse state too."""
+        """Engine state first (every rank, each file published atomically), then the Trainer's own files,
+        written straight into the folder (transformers 5.x stages nothing) with ``trainer_state.json``
+        last. A crash in between leaves a folder lacking a part, which resuming refuses or skips."""
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         rank = self.args.process_index
         atomic_torch_save(
             {
                 "engine": self.sparse_engine.state_dict(),
                 "results": self.sparse_results,
-                "skipped_steps": self.skipped_steps,
                 "world_size": self.args.world_size,
             },
             folder / STATE_DIR / f"rank{rank}.pt",
         )
+        self.accelerator.wait_for_everyone()  # every rank's state is in before the Trainer's last file
         super()._save_checkpoint(model, trial)
 
-    def _load_sparse_state(self, checkpoint: str) -> None:
-        path = Path(checkpoint) / STATE_DIR / f"rank{self.args.process_index}.pt"
-        if not path.exists():
-            raise ValueError(
-                f"{checkpoint} has no sparse_sup state ({path.relative_to(checkpoint)} is missing): it "
-                f"was not written by SupTicketsTrainer with {self.args.world_size} process(es); resume "
-                "from one that was"
+    def _missing_parts(self, checkpoint: Path) -> list[str]:
+        """What ``checkpoint`` lacks of a complete save: a rank's sparse state, or the Trainer's state."""
+        missing = [
+            f"{STATE_DIR}/rank{r}.pt"
+            for r in range(self.args.world_size)
+            if not (checkpoint / STATE_DIR / f"rank{r}.pt").is_file()
+        ]
+        try:
+            json.loads((checkpoint / TRAINER_STATE).read_text())
+        except (OSError, ValueError):  # absent, or cut short while written
+            missing.append(TRAINER_STATE)
+        return missing
+
+    def _last_complete_checkpoint(self) -> str:
+        """The newest checkpoint folder of ``output_dir`` holding both parts (warns for each skipped)."""
+        found = {}
+        for folder in Path(self.args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            step = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", folder.name)
+            if step and folder.is_dir():
+                found[int(step[1])] = folder
+        for step in sorted(found, reverse=True):
+            missing = self._missing_parts(found[step])
+            if not missing:
+                return str(found[step])
+            log.warning(
+                "skipping %s: incomplete (no %s), its save was interrupted", found[step], ", ".join(missing)
             )
-        saved = load_verified(path)
+        raise ValueError(
+            f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir} holds both the Trainer's "
+            f"state and the sparse state of {self.args.world_size} process(es)"
+        )
+
+    def _load_sparse_state(self, checkpoint: str) -> None:
+        """This rank's engine state (checked complete in ``train``), into an engine without initial
+        masks: ``init_masks()`` would zero restored weights outside the *initial* masks."""
+        saved = load_verified(Path(checkpoint) / STATE_DIR / f"rank{self.args.process_index}.pt")
         if saved["world_size"] != self.args.world_size:
             raise ValueError(
                 f"{checkpoint} was written by {saved['world_size']} processes; resume with the same number "
                 f"(now {self.args.world_size})"
             )
-        engine = self.sparse_engine
-        # load_state_dict expects the masks of init_masks(), which would also zero the restored weights
-        # outside the *initial* masks: start from the saved masks instead (same placement, this rank's)
-        engine.masks = MaskState(
-            {
-                t.name: saved["engine"]["masks"]["masks"][t.name].to(t.param.device).view(t.param.shape)
-                for t in engine.targets
-            },
-            self.sparse_backend.shard,
-        )
-        engine.load_state_dict(saved["engine"])
+        self.sparse_engine.load_state_dict(saved["engine"])
         self.sparse_results = dict(saved["results"])
-        self.skipped_steps = int(saved["skipped_steps"])
         log.info("resumed Sup-tickets state from %s at step %d", checkpoint, self.sparse_engine.step)
 
     # ---- reporting ----------------------------------------------------------------------------------
@@ -406,9 +448,4 @@ class SupTicketsTrainer(Trainer):
         return summary_table(summary)
 
 
-def checkpoint_state_path(checkpoint: str | os.PathLike, rank: int = 0) -> Path:
-    """Where ``SupTicketsTrainer`` keeps rank ``rank``'s engine state inside a Trainer checkpoint."""
-    return Path(checkpoint) / STATE_DIR / f"rank{rank}.pt"
-
-
-__all__ = ["SparsityArguments", "SupTicketsLR", "SupTicketsTrainer", "TrainerEngine", "checkpoint_state_path"]
+__all__ = ["SparsityArguments", "SupTicketsLR", "SupTicketsTrainer", "TrainerEngine"]

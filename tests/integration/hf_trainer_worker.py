@@ -42,6 +42,10 @@ DEFAULTS = dict(
     fsdp=False,  # the Trainer's fsdp= option with FSDP2 (GPUs only)
     save_steps=None,
     stop_at=None,  # a callback stops training after this step (a crash mid-run)
+    skip_at=(),  # Trainer steps (1-based) whose loss is made infinite: the optimizer step is skipped
+    scaler=False,  # an fp16-style GradScaler("cpu") on the accelerator (Accelerate builds none on CPU)
+    lr_scheduler_type="linear",
+    head_lr_groups=False,  # two parameter groups: the classifier at lr (group 0), the rest at lr / 2
     resume=None,  # checkpoint directory to resume from
     out=None,
     output_dir=None,
@@ -159,6 +163,8 @@ def make_checker(trainer_ref: list):
                 raise AssertionError(
                     f"step {engine.step}: per-layer counts changed: {counts} vs {self.counts0}"
                 )
+            if self.steps and self.steps[-1]["step"] == engine.step:
+                return  # a skipped step: checked above, nothing new to record
             full = backend.full_masks(engine.masks.masks)
             self.steps.append(
                 {
@@ -166,6 +172,7 @@ def make_checker(trainer_ref: list):
                     "active": sum(counts.values()),
                     "digests": {k: digest(v) for k, v in full.items()},
                     "lr": engine.lr(engine.step - 1),
+                    "group_lrs": [g["lr"] for g in trainer.optimizer.param_groups],  # what the step used
                 }
             )
 
@@ -184,7 +191,37 @@ class StopAt:
         return _Stop()
 
 
+def trainer_class(skip_at):
+    """``SupTicketsTrainer`` whose loss is infinite at the Trainer steps ``skip_at`` (every micro-batch),
+    so that optimizer step is skipped: by the GradScaler (overflow) or as non-finite."""
+    from sparse_sup import SupTicketsTrainer
+
+    class InjectSkips(SupTicketsTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            if self.state.global_step + 1 in skip_at:
+                loss = loss * float("inf")
+            return loss
+
+    return InjectSkips if skip_at else SupTicketsTrainer
+
+
+def head_lr_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Layer-wise LRs: the classifier head at ``lr`` (group 0), every other parameter at ``lr / 2``."""
+    head = [p for n, p in model.named_parameters() if n.startswith(("classifier", "model.fc"))]
+    ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.AdamW([{"params": head, "lr": lr}, {"params": body, "lr": lr / 2}], weight_decay=0.01)
+
+
 def run(**overrides) -> dict:
+    trainer, checker, _ = build(**overrides)
+    trainer.train(resume_from_checkpoint={**DEFAULTS, **overrides}["resume"])
+    return collect(trainer, checker, **overrides)
+
+
+def build(**overrides):
+    """(trainer, mask checker, stop callback or None) of a run, not yet trained."""
     c = {**DEFAULTS, **overrides}
     from transformers import TrainingArguments
 
@@ -194,7 +231,7 @@ def run(**overrides) -> dict:
         # DeepSpeed on CPU: a gloo state marked for DeepSpeed, configured before the Trainer
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
-    from sparse_sup import SparsityArguments, SupTicketsTrainer
+    from sparse_sup import SparsityArguments
 
     dtype = getattr(torch, c["dtype"])
     train_set, eval_set = datasets(dtype)
@@ -229,7 +266,7 @@ def run(**overrides) -> dict:
         num_train_epochs=c["epochs"],
         max_steps=c["max_steps"],
         learning_rate=c["lr"],
-        lr_scheduler_type="linear",
+        lr_scheduler_type=c["lr_scheduler_type"],
         optim=c["optim"] or ("sgd" if c["model"] == "resnet" else "adamw_torch"),
         optim_args="momentum=0.9",
         weight_decay=0.01,
@@ -252,20 +289,28 @@ def run(**overrides) -> dict:
     )
     ref: list = []
     checker = make_checker(ref)
-    callbacks = [checker] + ([StopAt(c["stop_at"])] if c["stop_at"] else [])
-    trainer = SupTicketsTrainer(
+    stop = StopAt(c["stop_at"]) if c["stop_at"] else None
+    trainer = trainer_class(set(c["skip_at"]))(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         sparsity_args=sparsity,
-        callbacks=callbacks,
+        callbacks=[checker] + ([stop] if stop else []),
+        optimizers=(head_lr_optimizer(model, c["lr"]) if c["head_lr_groups"] else None, None),
     )
+    if c["scaler"]:  # prepared with the optimizer at train(): Accelerate's fp16 path, on CPU
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     ref.append(trainer)
-    trainer.train(resume_from_checkpoint=c["resume"])
+    return trainer, checker, stop
+
+
+def collect(trainer, checker, **overrides) -> dict:
+    """What a finished (or stopped) run produced, after an evaluation and ``save_model()``."""
+    c = {**DEFAULTS, **overrides}
     engine, backend = trainer.sparse_engine, trainer.sparse_backend
     metrics = trainer.evaluate()
-    final_dir = Path(c["output_dir"]) / "final"
+    final_dir = Path(trainer.args.output_dir) / "final"
     trainer.save_model(str(final_dir))
     result = {
         "initial_masks": checker.initial,
@@ -282,10 +327,11 @@ def run(**overrides) -> dict:
         "target_names": list(trainer.target_names),
         "world_size": trainer.args.world_size,
         "kind": backend.kind,
+        "global_step": trainer.state.global_step,
     }
     if c["out"] and trainer.args.process_index == 0:
         torch.save(result, c["out"])
-    del trainer, engine, backend, model
+    del trainer, engine, backend
     gc.collect()
     return result
 

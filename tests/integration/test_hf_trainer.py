@@ -313,3 +313,86 @@ def test_import_sparse_sup_does_not_import_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ---- skipped steps, LR groups, schedulers, a second train(), half-written checkpoints -------------
+
+TIMM = dict(model="timm", accum=1, per_device_batch=16, epochs=1, cycle_steps=2)  # 12 steps: 8 + 2 x 2
+
+
+@pytest.mark.parametrize("scaler", [True, False], ids=["grad_scaler_overflow", "nonfinite_no_scaler"])
+def test_skipped_steps_count_for_nothing_and_the_run_still_ends_with_s_m(runs, scaler):
+    """Trainer steps 3 and 12 get an infinite loss: the GradScaler skips them (overflow), or, without
+    one, the step is skipped as non-finite. They advance nothing, and the Trainer trains on (here into a
+    second epoch) until the plan's 12 applied steps are done: the run still ends with S_M."""
+    r = runs(**TIMM, skip_at=[3, 12], scaler=scaler)
+    s = r["summary"]
+    assert (s["final_is"], s["steps_completed"], s["skipped_steps"]) == ("S_2", 12, 2)
+    assert r["global_step"] == 14
+    check_run(r, total=12, pre=8)  # each applied step checked once; masked weights and states zero
+    check_tickets(r, ends=(10, 12))
+
+
+def test_parameter_groups_keep_their_lr_ratio_in_phase1_and_in_the_cycles(runs):
+    """Layer-wise LRs (head at lr, the rest at lr / 2): every step, phase 1 and cycles, keeps the ratio;
+    group 0 follows the plan's LR."""
+    r = runs(**TIMM, head_lr_groups=True)
+    check_run(r, total=12, pre=8)
+    for s in r["steps"]:
+        head, body = s["group_lrs"]
+        assert head == pytest.approx(s["lr"], rel=1e-9), s["step"]
+        assert body == pytest.approx(head / 2, rel=1e-9), s["step"]
+
+
+@pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", "greedy"])
+def test_metric_driven_lr_schedulers_are_refused_at_construction(tmp_path, scheduler):
+    from transformers import TrainingArguments
+
+    from sparse_sup import SupTicketsTrainer
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), lr_scheduler_type=scheduler, eval_strategy="steps", eval_steps=4
+    )
+    _, eval_set = worker.datasets(torch.float32)
+    with pytest.raises(ValueError, match=f"lr_scheduler_type='{scheduler}'.*'linear'"):
+        SupTicketsTrainer(
+            model=worker.build_model("timm", 0, torch.float32), args=args, eval_dataset=eval_set
+        )
+
+
+def test_a_second_train_resumes_in_place_or_is_refused(runs, tmp_path):
+    """train() again on the same trainer: after a stop at step 6, resuming from its checkpoint continues
+    the same run with the engine hooked once (the same masks after every step as the uninterrupted
+    run); without a checkpoint it is refused (the model already holds a sparse run's weights)."""
+    full = runs(**TIMM)
+    trainer, checker, stop = worker.build(**TIMM, save_steps=6, stop_at=6, output_dir=str(tmp_path))
+    trainer.train()
+    assert trainer.sparse_engine.step == 6
+    with pytest.raises(ValueError, match="resume_from_checkpoint"):
+        trainer.train()
+    trainer.remove_callback(stop)
+    trainer.train(resume_from_checkpoint=True)
+    r = worker.collect(trainer, checker, **TIMM) | {"dir": tmp_path}
+    check_run(r, total=12, pre=8)
+    assert [s["digests"] for s in r["steps"]] == [s["digests"] for s in full["steps"]]
+    assert_masks_equal(r["final_masks"], full["final_masks"])
+
+
+def test_resume_never_picks_a_half_written_checkpoint(runs, tmp_path):
+    """A crash while saving leaves a checkpoint folder with one part only: checkpoint-12 without the
+    Trainer's trainer_state.json (its last file), checkpoint-8 without the sparse state. Resuming with
+    resume_from_checkpoint=True falls back to checkpoint-4, the last complete one, and ends as the
+    uninterrupted run; naming an incomplete folder is refused before anything is loaded."""
+    full = runs(**TIMM, save_steps=4)
+    for step in (4, 8, 12):
+        shutil.copytree(full["dir"] / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-12" / "trainer_state.json").unlink()
+    shutil.rmtree(tmp_path / "checkpoint-8" / "sparse_sup")
+    for step, missing in ((8, "sparse_sup"), (12, "trainer_state.json")):
+        with pytest.raises(ValueError, match=f"checkpoint-{step} is incomplete.*{missing}"):
+            worker.run(**TIMM, resume=str(tmp_path / f"checkpoint-{step}"), output_dir=str(tmp_path))
+    resumed = worker.run(**TIMM, save_steps=4, resume=True, output_dir=str(tmp_path))
+    assert [s["step"] for s in resumed["steps"]] == list(range(5, 13))
+    assert [s["digests"] for s in resumed["steps"]] == [s["digests"] for s in full["steps"][4:]]
+    assert_masks_equal(resumed["final_masks"], full["final_masks"])
+    assert resumed["summary"]["final_is"] == "S_2"
