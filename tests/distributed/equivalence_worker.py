@@ -191,9 +191,11 @@ class ToyRun:
                     # bf16: DeepSpeed casts the parameters and keeps fp32 masters; it leaves buffers
                     # in fp32 unless told, and the CPU BatchNorm kernel rejects bf16 weights beside
                     # fp32 running statistics ("expected scalar type BFloat16 but found Float")
-                    "bf16": {"enabled": precision == "bf16"},
-                    "data_types": {"buffer_dtype": "bf16"} if precision == "bf16" else {},
+                    "bf16": {"enabled": precision.startswith("bf16")},
+                    "data_types": {"buffer_dtype": "bf16"} if precision.startswith("bf16") else {},
                 }
+                if precision == "bf16-fp32-accum":  # ZeRO-1: DeepSpeed's BF16_Optimizer instead
+                    ds_config["data_types"]["grad_accum_dtype"] = "fp32"
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
                 self.model, self.optimizer, _, _ = deepspeed.initialize(
                     model=model, optimizer=optimizer, config=ds_config
@@ -377,6 +379,7 @@ class ToyRun:
             "checked_steps": self.checked_steps,
             "masked_nonzero": self.masked_nonzero_totals() if self.mode.startswith("zero") else None,
             "input_dtype": self.input_dtype,
+            "optimizer": type(self.optimizer).__name__,
             "deepspeed_global_steps": getattr(self.model, "global_steps", None),
         }
 
@@ -421,7 +424,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--bn-eval", action="store_true", help="only recalibrate BN and evaluate")
     parser.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per rank")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="DeepSpeed only")
+    precisions = ["fp32", "bf16", "bf16-fp32-accum"]  # DeepSpeed only
+    parser.add_argument("--precision", choices=precisions, default="fp32")
     parser.add_argument("--model", choices=sorted(MODELS), default="toy")
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (results: at that step)")
     parser.add_argument("--ticket", default=None, help="then write the model as a ticket to this dir")

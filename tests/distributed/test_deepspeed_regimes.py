@@ -42,16 +42,27 @@ def float32_reference():
     return result
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_bf16_zeroes_masked_gradients_where_the_optimizer_reads(tmp_path, float32_reference, stage):
+@pytest.mark.parametrize(
+    "stage, precision, optimizer",
+    [
+        (2, "bf16", "DeepSpeedZeroOptimizer"),
+        (3, "bf16", "DeepSpeedZeroOptimizer_Stage3"),
+        pytest.param(1, "bf16-fp32-accum", "BF16_Optimizer", marks=pytest.mark.slow),
+    ],
+)
+def test_deepspeed_bf16_zeroes_masked_gradients_where_the_optimizer_reads(
+    tmp_path, float32_reference, stage, precision, optimizer
+):
     """ZeRO-3 in bf16 used to hand the engine a fp32 *copy* of the bf16 gradient partition, so the
     masking missed the optimizer (12,639 masked gradient elements nonzero at the optimizer's read over
-    24 steps, and 8,426 masked module weights nonzero after the steps)."""
+    24 steps, and 8,426 masked module weights nonzero after the steps). ZeRO-1 with fp32 gradient
+    accumulation runs DeepSpeed's BF16_Optimizer, which keeps whole gradients: its path too."""
     out = tmp_path / "result.pt"
-    args = ["--mode", f"zero{stage}", "--float32", "--precision", "bf16", "--out", str(out)]
+    args = ["--mode", f"zero{stage}", "--float32", "--precision", precision, "--out", str(out)]
     torchrun(2, "equivalence_worker.py", *args)
     got = torch.load(out, weights_only=False)
     ref = float32_reference
+    assert got["optimizer"] == optimizer
     assert got["input_dtype"] == torch.bfloat16  # the backend tells the loop to cast inputs
     counts = got["masked_nonzero"]  # summed over 24 steps and both ranks
     assert counts["checked_grads"] >= 24 and counts["grad"] == 0, counts  # at the inner optimizer's read
