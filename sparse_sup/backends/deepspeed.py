@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..core.collectives import Collectives
 from ..core.names import normalize_name
 from ..core.targets import Target
-from .base import Layout
+from .base import Layout, lr_ratios, set_lrs
 from .collectives import ProcessGroupCollectives
 
 
@@ -208,10 +208,10 @@ class DeepSpeedBackend:
         """Run the sparse engine around DeepSpeed's real optimizer step (also inside backward)."""
         zero = self.optimizer
         original = zero.step
+        ratios = lr_ratios(zero.optimizer.param_groups)  # layer-wise decay etc. survive the schedule
 
         def step(*args, **kwargs):
-            for group in zero.optimizer.param_groups:
-                group["lr"] = sparse_engine.lr()
+            set_lrs(zero.optimizer.param_groups, sparse_engine.lr(), ratios)
             sparse_engine.before_optimizer_step()
             result = original(*args, **kwargs)
             skipped = bool(getattr(zero, "overflow", False))

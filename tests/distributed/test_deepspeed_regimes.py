@@ -150,3 +150,18 @@ def test_bf16_end_to_end(tmp_path, launcher, model, stage):
     assert summary["parallelism"] == "deepspeed" and summary["steps_completed"] == 24
     assert all(r["count"] == 300 for r in summary["results"].values())
     assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
+
+
+def test_deepspeed_step_keeps_each_group_lr_ratio(tmp_path):
+    """Every parameter group used to be set to group 0's LR inside DeepSpeed's step (layer-wise LR
+    decay lost): now group i runs at its ratio of the engine's LR, in phase 1 and in the cycles."""
+    out = tmp_path / "lrs.json"
+    torchrun(1, "lr_groups_worker.py", str(out))
+    seen = json.loads(out.read_text())
+    # ZeRO-1/2 step the inner optimizer once per group, with that group alone in param_groups
+    assert len(seen) == 2 * 8 and all(len(entry) == 2 for entry in seen)
+    group0, group1 = seen[0::2], seen[1::2]
+    for (engine_lr, lr0), (engine_lr1, lr1) in zip(group0, group1):
+        assert engine_lr == engine_lr1 and lr0 == pytest.approx(engine_lr, rel=1e-12)
+        assert lr1 == pytest.approx(0.25 * engine_lr, rel=1e-12)
+    assert len({round(lr0, 12) for _, lr0 in group0}) > 2  # the schedule moved (phase 1, then cycles)
