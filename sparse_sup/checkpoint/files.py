@@ -33,7 +33,9 @@ def is_stale(name: str) -> bool:
     """True when the temporary ``name`` belongs to no live writer: its ``<pid>@<host>`` names this
     host and a pid that is not running, or it names no owner (left by a version before owners were
     recorded). A writer on another host cannot be checked from here, so its temporaries are kept
-    (a save on that host removes them). A reused pid keeps a stale one a little longer: harmless."""
+    (a save on that host removes them). A reused pid keeps a stale one a little longer: harmless.
+    Pids are only comparable within one pid namespace: containers that share a filesystem need
+    hostnames of their own (the default in Docker and Kubernetes)."""
     found = _OWNER.search(name)
     if found is None:
         return True
