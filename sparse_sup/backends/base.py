@@ -32,6 +32,7 @@ class Layout:
     shape: tuple[int, ...]
     offset: int
     replicated: bool
+    replica: int = 0  # HSDP: index among the ranks holding this same piece; only replica 0 writes it
 
     @property
     def numel(self) -> int:

@@ -53,6 +53,15 @@ def fsdp2_flat_offset(p: torch.Tensor) -> int:
     return sum(o * s for o, s in zip(global_offset, strides))
 
 
+def fsdp2_replica_index(t: torch.Tensor) -> int:
+    """This rank's coordinate on the replicate mesh dim (HSDP), 0 without one: the ranks with the
+    same shard coordinate hold the same local shard, and only replica 0 writes it."""
+    if not isinstance(t, DTensor):
+        return 0
+    coordinate = t.device_mesh.get_coordinate()
+    return sum(c for c, pl in zip(coordinate, t.placements) if isinstance(pl, Replicate))
+
+
 def fsdp2_reshard(model: torch.nn.Module) -> None:
     """Free the unsharded parameters of every FSDP module of ``model`` (local, no collective), so
     the next forward all-gathers the current local shards. A no-op where already sharded."""
@@ -217,10 +226,12 @@ class FSDP2Backend:
 
     def layouts(self) -> dict[str, Layout]:
         """Parameters: this rank's run of the full tensor; buffers: whole (``replicated``). Under
-        HSDP every replica reports the same run of a parameter, so a checkpoint writer must let one
-        replica write it (``save_sharded`` refuses runs held twice) -- not yet expressed here."""
+        HSDP every replica holds the same run of a parameter; ``replica`` (its coordinate on the
+        replicate dim) lets replica 0 alone write it."""
         return {
-            normalize_name(n): Layout(tuple(t.shape), fsdp2_flat_offset(t), not isinstance(t, DTensor))
+            normalize_name(n): Layout(
+                tuple(t.shape), fsdp2_flat_offset(t), not isinstance(t, DTensor), fsdp2_replica_index(t)
+            )
             for n, t in self.model.state_dict(keep_vars=True).items()
         }
 

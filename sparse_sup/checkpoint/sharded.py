@@ -59,6 +59,7 @@ class LocalPiece:
     values: torch.Tensor
     mask: torch.Tensor | None = None
     replicated: bool = False
+    replica: int = 0  # > 0: another rank (replica 0) holds and writes this same run
 
 
 def replicated_pieces(
@@ -114,6 +115,8 @@ def _local_run(
             f"with {mask.numel()}; pass the mask of this rank's run"
         )
     offset = piece.offset
+    if piece.replica:  # an empty run: replica 0 writes these values
+        values, mask = values[:0], None if mask is None else mask[:0]
     if piece.replicated:
         if offset != 0 or values.numel() != total:
             raise CheckpointError(

@@ -38,6 +38,7 @@ def save_model_checkpoint(
             values=tensor,
             mask=None if mask is None else mask.reshape(-1),
             replicated=layout.replicated,
+            replica=layout.replica,
         )
     if replace and path.exists():
         _barrier()  # every rank has seen it before rank 0 removes it

@@ -80,14 +80,27 @@ def test_hsdp_matches_single_process_reference(tmp_path, references, method):
     """FSDP2 on a 2x2 (replicate x shard) mesh: selection counts are summed over the shard group
     only (summed over all 4 ranks they were doubled: masks kept half the weights while the engine
     reported the wanted counts); BN statistics and evaluation counts span all 4 ranks."""
-    out = tmp_path / "result.pt"
-    torchrun(4, "equivalence_worker.py", "--mode", "hsdp", "--method", method, "--out", str(out))
+    out, ticket = tmp_path / "result.pt", tmp_path / "ticket"
+    args = ["--mode", "hsdp", "--method", method, "--out", str(out), "--ticket", str(ticket)]
+    torchrun(4, "equivalence_worker.py", *args)
     got = torch.load(out, weights_only=False)
     ref = references(method, 4)
     init, ref_init = got["events"][0][2], ref["events"][0][2]
     counts = {name: int(m.sum()) for name, m in init.items()}
     assert counts == {name: int(m.sum()) for name, m in ref_init.items()}, counts
     compare_runs(got, ref, rtol=1e-9, atol=1e-12)
+    # the ticket: each shard written once (by replica 0; twice was refused), read back by 1 process
+    from sparse_sup.backends import build_backend
+    from sparse_sup.checkpoint.tickets import load_model_checkpoint
+
+    model = equivalence_worker.ToyNet().double()
+    backend = build_backend(model, None, equivalence_worker.TARGETS)
+    masks = load_model_checkpoint(ticket, backend, backend.target_names)
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, value in got["final"].items():
+        assert torch.equal(state[name].detach(), value), name
+    for name, mask in got["final_masks"].items():
+        assert torch.equal(masks[name], mask), name
 
 
 @pytest.mark.parametrize(
