@@ -121,7 +121,7 @@ def set_lrs(param_groups: list[dict], lr: float, ratios: list[float]) -> None:
         group["lr"] = ratio * lr
 
 
-def stepping_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def stepping_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
     """The torch optimizer that takes the step, under wrappers that proxy ``.optimizer`` (Accelerate's
     ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` but has no step hooks of its own)."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
@@ -147,7 +147,9 @@ class TorchOptimizerStep:
     they fire inside Accelerate's GradScaler path too, which swaps the optimizer's ``step`` method)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, options: StepOptions | None) -> None:
-        self.optimizer = optimizer
+        # the torch optimizer itself, never Accelerate's wrapper: it has no step hooks, and its step()
+        # would run its GradScaler (the same one as ``options.scaler``) a second time
+        self.optimizer = stepping_optimizer(optimizer)
         self.options = options or StepOptions()
         self._engine = None
         self._ratios: list[float] = []
@@ -168,7 +170,7 @@ class TorchOptimizerStep:
                 self._hook()
 
     def _hook(self) -> None:
-        optimizer = stepping_optimizer(self.optimizer)
+        optimizer = self.optimizer
         for handle in _hooked.pop(optimizer, ()):
             handle.remove()
         pre = optimizer.register_step_pre_hook(self._before_step)
@@ -188,7 +190,7 @@ class TorchOptimizerStep:
         try:
             yield
         finally:
-            for handle in _hooked.pop(stepping_optimizer(self.optimizer), ()):
+            for handle in _hooked.pop(self.optimizer, ()):
                 handle.remove()
 
     def backward(self, loss: torch.Tensor, accum_steps: int) -> None:

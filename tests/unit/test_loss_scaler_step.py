@@ -25,12 +25,34 @@ def assert_masked_zero(engine: SupTicketsEngine) -> None:
             assert bool((tensor[dead] == 0).all()), t.name
 
 
+def accelerate_prepared(optimizer: torch.optim.Optimizer, scaler) -> torch.optim.Optimizer:
+    """``accelerator.prepare(optimizer)`` with Accelerate's fp16 GradScaler (built on GPUs only)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = scaler
+    return accelerator.prepare(optimizer)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # as Accelerate's own tests do
+
+
+@pytest.mark.parametrize("accelerate", [False, True], ids=["torch_optimizer", "accelerate_wrapped"])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
-def test_fp16_scaler_step_skips_overflow_and_keeps_masks(max_grad_norm):
+def test_fp16_scaler_step_skips_overflow_and_keeps_masks(max_grad_norm, accelerate):
+    """``accelerate_wrapped``: the CLI's optimizer on a GPU in fp16, Accelerate's wrapper holding the
+    same GradScaler (its ``step`` runs the scaler again): the scaler must still run once per step."""
     torch.manual_seed(0)
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=4)
+    if accelerate:
+        optimizer = accelerate_prepared(optimizer, scaler)
     options = StepOptions(
         max_grad_norm=max_grad_norm,
         skip_nonfinite=True,
