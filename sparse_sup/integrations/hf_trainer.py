@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..backends import StepOptions, build_backend
 from ..backends.fsdp2 import check_fsdp2_mixed_precision
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = "sparse_sup"
 TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint folder
 # LR schedulers driven by evaluation metrics, not by the step: no phase-1 LR as a function of the step
-METRIC_DRIVEN_SCHEDULERS = {SchedulerType.REDUCE_ON_PLATEAU.value, getattr(SchedulerType, "GREEDY", "greedy")}
+METRIC_DRIVEN_SCHEDULERS = {"reduce_lr_on_plateau", "greedy"}
 
 
 class TrainerEngine(SupTicketsEngine):
