@@ -23,12 +23,13 @@ import shutil
 from pathlib import Path
 
 from .files import _atomic_write_bytes, _fsync_dir, atomic_torch_save, load_verified, owner_tag, remove_stale
-from .sharded import CheckpointError
+from .sharded import CheckpointError, save_sharded
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+SHARDED_STATE = "sparse_state"  # the world-size-independent part of the sparse state
 PREFIX = "step_"
 TMP_PREFIX = f".tmp_{PREFIX}"  # + step + the writer's owner tag
 
@@ -71,8 +72,12 @@ def checkpoint_step(path: Path) -> int | None:
     return int(name[len(PREFIX) :]) if name.startswith(PREFIX) and name[len(PREFIX) :].isdigit() else None
 
 
-def save_run_checkpoint(run_dir: Path, step: int, backend, sparse_state: dict, keep: int) -> Path:
-    """Collective. ``sparse_state``: this rank's picklable state (tensors, dicts, numbers)."""
+def save_run_checkpoint(
+    run_dir: Path, step: int, backend, sparse_state: dict, keep: int, pieces: dict | None = None
+) -> Path:
+    """Collective. ``sparse_state``: this rank's picklable state (tensors, dicts, numbers);
+    ``pieces``: state tensors with their global layout (``state_pieces.split_state``), written as a
+    sharded checkpoint that any world size reads back (masks, superposition chain, mask history)."""
     rank, world, _ = _dist()
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"{PREFIX}{step:08d}"
@@ -84,6 +89,8 @@ def save_run_checkpoint(run_dir: Path, step: int, backend, sparse_state: dict, k
         tmp.mkdir(parents=True)
     tmp = Path(_broadcast(None if tmp is None else str(tmp)))
     backend.save_training_state(tmp / "engine")
+    if pieces is not None:
+        save_sharded(tmp / SHARDED_STATE, pieces, {"step": step})
     atomic_torch_save(sparse_state, tmp / "sparse_sup" / f"rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
@@ -94,6 +101,8 @@ def save_run_checkpoint(run_dir: Path, step: int, backend, sparse_state: dict, k
             "format": 1,
             "step": step,
             "world_size": world,
+            "parallelism": backend.kind,
+            "sharded_state": pieces is not None,
             "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
         }
         _atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -178,16 +187,38 @@ def read_checkpoint_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def load_run_checkpoint(path: Path, backend) -> dict:
-    """Collective. Loads model and optimizer into ``backend`` in place; returns this rank's
-    sparse state. Raises ``CheckpointError`` for a corrupt checkpoint or another world size."""
+def world_size_problem(manifest: dict, world: int) -> str | None:
+    """Why a checkpoint cannot resume at ``world`` processes (None: it can). DCP reshards the model
+    and optimizer of one process, DDP and FSDP2, and the sparse state is sharded with its global
+    layout; DeepSpeed's engine checkpoint and checkpoints of older versions keep each rank's piece."""
+    written = manifest["world_size"]
+    if written == world:
+        return None
+    why = None
+    if manifest.get("parallelism") == "deepspeed":
+        why = "DeepSpeed's engine checkpoint holds each rank's ZeRO partition"
+    elif not manifest.get("sharded_state"):
+        why = "it was written before run checkpoints could be resharded"
+    if why is None:
+        return None
+    return (
+        f"was written by {written} processes and this job has {world}: {why}; relaunch with {written} "
+        "processes (tickets, unlike these run checkpoints, can be read at any world size: see "
+        "'sparse-sup merge')"
+    )
+
+
+def load_run_checkpoint(path: Path, backend) -> tuple[dict, Path | None]:
+    """Collective. Loads model and optimizer into ``backend`` in place; returns this rank's sparse
+    state (at another world size rank 0's: counters, results, RNG and buffers as rank 0 had them)
+    and the sharded part's directory (None for checkpoints without one). Raises ``CheckpointError``
+    for a corrupt checkpoint or a world size it cannot resume at."""
     rank, world, _ = _dist()
     manifest = _broadcast(read_checkpoint_manifest(path) if rank == 0 else None)
-    if manifest["world_size"] != world:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {manifest['world_size']} processes and this job has {world}; "
-            f"resume with {manifest['world_size']} processes (tickets, not run checkpoints, can be read "
-            "at any world size: see 'sparse-sup merge')"
-        )
+    problem = world_size_problem(manifest, world)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}")
     backend.load_training_state(Path(path) / "engine")
-    return load_verified(Path(path) / "sparse_sup" / f"rank{rank:05d}.pt")
+    source = rank if manifest["world_size"] == world else 0
+    state = load_verified(Path(path) / "sparse_sup" / f"rank{source:05d}.pt")
+    return state, Path(path) / SHARDED_STATE if manifest.get("sharded_state") else None

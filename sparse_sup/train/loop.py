@@ -17,6 +17,7 @@ from ..backends import StepOptions, build_backend
 from ..backends.local import unwrap_module
 from ..checkpoint import export_safetensors
 from ..checkpoint.run_state import load_run_checkpoint, save_run_checkpoint
+from ..checkpoint.state_pieces import parameter_layouts, read_state, split_state
 from ..checkpoint.tickets import save_model_checkpoint
 from ..config import config_to_dict
 from ..data import GlobalBatchSampler, make_loader
@@ -169,21 +170,26 @@ class Run:
             # dropout / drop-path draw from the device's generator when the model is on a GPU
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
         }
+        pieces, rest = split_state(state, parameter_layouts(self.backend))
         path = save_run_checkpoint(
-            self.run_dir, self.engine.step, self.backend, state, self.config.checkpoint.keep_last
+            self.run_dir, self.engine.step, self.backend, rest, self.config.checkpoint.keep_last, pieces
         )
         log.info("checkpoint written: %s", path)
         self.metrics.write(event="checkpoint", step=self.engine.step, path=str(path))
 
     def resume(self, path: Path) -> None:
-        """Continue exactly where the checkpoint left off (same world size)."""
-        state = load_run_checkpoint(path, self.backend)
+        """Continue exactly where the checkpoint left off: bit-identical at the world size that
+        wrote it; at another one (one process, DDP, FSDP2) masks, chain and mask history are read
+        in the new placement, and only float reduction order differs (BatchNorm models: also the
+        per-rank batch statistics, which depend on the world size in any run)."""
+        rest, sharded = load_run_checkpoint(path, self.backend)
         self.engine.rebind()  # the engine's own load may have replaced tensors (DeepSpeed)
+        state = read_state(rest, sharded, self.backend)
         self.engine.load_state_dict(state["engine"])
         self.backend.refresh_model_weights()
         self.mask_history.load_state_dict(state["mask_history"])
         self.results, self.skipped = state["loop"]["results"], state["loop"]["skipped"]
-        with torch.no_grad():  # this rank's own buffers (same world size: see save_checkpoint)
+        with torch.no_grad():  # this rank's own buffers (rank 0's at another world size)
             for name, buffer in self.module.named_buffers():
                 buffer.copy_(state["buffers"][name])
         scaler = self.accelerator.scaler if self.accelerator.scaler is not None else self.own_scaler

@@ -19,6 +19,7 @@ from ..checkpoint.run_state import (
     checkpoint_problems,
     latest_checkpoint,
     read_checkpoint_manifest,
+    world_size_problem,
 )
 from ..config import Config, ConfigError, config_to_dict
 
@@ -98,14 +99,10 @@ def resolve_resume(resume: str, config: Config) -> Path | None:
 
 
 def check_world_size(path: Path) -> None:
-    """Run checkpoints hold engine-sharded optimizer state: resume at the world size that wrote them."""
+    """Refuse, before anything is written, a checkpoint that cannot resume at this world size."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    written = read_checkpoint_manifest(path)["world_size"]
-    if written != world:
-        raise ConfigError(
-            f"--resume: checkpoint {path} was written by {written} processes and this job has {world}; "
-            f"relaunch with {written} processes (tickets, unlike run checkpoints, can be read at any world "
-            "size: see 'sparse-sup merge')"
-        )
+    problem = world_size_problem(read_checkpoint_manifest(path), world)
+    if problem:
+        raise ConfigError(f"--resume: checkpoint {path} {problem}")

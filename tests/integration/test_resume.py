@@ -167,13 +167,17 @@ def test_killed_distributed_run_resumes_identical(tmp_path, nproc, extra, env, k
     check_metrics_continue(run_dir)
 
 
-def test_resume_at_another_world_size_is_refused(tmp_path):
+def test_deepspeed_resume_at_another_world_size_is_refused(tmp_path):
+    """One process, DDP and FSDP2 checkpoints resume at another world size
+    (test_regimes.py); DeepSpeed's engine checkpoint holds each rank's ZeRO partition: refused
+    before anything is touched."""
     run_dir = tmp_path / "run"
-    proc = train(run_dir, extra=("--train.max_steps=12",))  # a checkpoint at step 10, written by 1 process
+    zero2 = ("--deepspeed", "launch/deepspeed/zero2.json")
+    proc = train(run_dir, extra=(*zero2, "--train.max_steps=12"))  # a checkpoint at step 10, 1 process
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = (run_dir / "metrics.jsonl").read_text()
-    proc = train(run_dir, nproc=2, extra=("--resume", "auto"))
+    proc = train(run_dir, nproc=2, extra=(*zero2, "--resume", "auto"))
     assert proc.returncode != 0  # each worker exits 2; torchrun reports the job as failed
     assert proc.stderr.count("error: --resume: checkpoint") == 1, proc.stderr[-3000:]  # rank 0 says it
-    assert "written by 1 processes and this job has 2" in proc.stderr
+    assert "written by 1 processes and this job has 2: DeepSpeed's engine checkpoint" in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == before  # nothing touched
