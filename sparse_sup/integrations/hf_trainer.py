@@ -36,6 +36,7 @@ from ..checkpoint import atomic_torch_save, load_verified
 from ..checkpoint.tickets import save_model_checkpoint
 from ..engine import EngineHooks, SupTicketsEngine
 from ..models import select_targets
+from ..results import run_summary, summary_table
 from .arguments import SparsityArguments
 from .hf_data import recalibration_batches
 
@@ -412,32 +413,15 @@ class SupTicketsTrainer(Trainer):
     # ---- reporting ----------------------------------------------------------------------------------
     def sup_tickets_summary(self) -> dict:
         """P, each T_i, each S_i and the final model, as the CLI's ``summary.json`` reports them."""
-        engine, plan = self.sparse_engine, self.sparse_plan
+        engine = self.sparse_engine
         if engine is None:
             raise ValueError("sup_tickets_summary(): call trainer.train() first")
-        done = engine.step >= plan.total_steps and engine.num_tickets
-        return {
-            "results": self.sparse_results,
-            "final_is": f"S_{engine.num_tickets}" if done else f"not finished (step {engine.step})",
-            "plan": {
-                "total_steps": plan.total_steps,
-                "pre_steps": plan.pre_steps,
-                "num_cycles": plan.num_cycles,
-                "cycle_steps": plan.cycle_steps,
-                "cycles_fraction": plan.cycles_fraction,
-            },
-            "steps_completed": engine.step,
-            "skipped_steps": self.skipped_steps,
-            "method": self.sparsity_args.sparse_method,
-            "density": self.sparsity_args.sparse_density,
-            "world_size": self.args.world_size,
-            "parallelism": self.sparse_backend.kind,
-        }
+        return run_summary(
+            engine, self.sparse_results, skipped_steps=self.skipped_steps, world_size=self.args.world_size
+        )
 
     def sup_tickets_table(self) -> str:
         """The CLI's markdown table (needs an ``accuracy`` metric, the default ``compute_metrics``)."""
-        from ..train.loop import summary_table
-
         summary = self.sup_tickets_summary()
         missing = [k for k, r in summary["results"].items() if not {"accuracy", "loss"} <= set(r)]
         if missing:

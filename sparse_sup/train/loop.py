@@ -23,6 +23,7 @@ from ..config import config_to_dict
 from ..data import GlobalBatchSampler, make_loader
 from ..engine import EngineHooks, SupTicketsEngine
 from ..progress import progress_enabled
+from ..results import final_label, run_summary
 from .logs import MetricsWriter, setup_logging, truncate_metrics
 from .model_ops import evaluate_model, recalibrate_model_bn
 from .setup import Prepared
@@ -364,34 +365,20 @@ class Run:
         final = self.evaluate()
         final.update(step=engine.step, density=engine.masks.density(engine.targets))
         self.results["final"] = final
-        if engine.step < self.p.plan.total_steps:  # train.max_steps stopped it: the training model
-            label = f"training model at step {engine.step} of {self.p.plan.total_steps} (stopped early)"
-        else:
-            label = f"S_{engine.num_tickets}" if engine.num_tickets else "final (no tickets)"
+        label = final_label(engine)  # S_M, or the training model where train.max_steps stopped it
         log.info(
             "final model (%s): accuracy %.2f%%, density %.4f",
             label,
             100 * final["accuracy"],
             final["density"],
         )
-        summary = {
-            "results": self.results,
-            "final_is": label,
-            "plan": {
-                "total_steps": self.p.plan.total_steps,
-                "pre_steps": self.p.plan.pre_steps,
-                "num_cycles": self.p.plan.num_cycles,
-                "cycle_steps": self.p.plan.cycle_steps,
-                "cycles_fraction": self.p.plan.cycles_fraction,
-            },
-            "steps_completed": engine.step,
-            "skipped_steps": skipped,
-            "model": self.config.model.name,
-            "method": self.config.sparse.method,
-            "density": self.config.sparse.density,
-            "world_size": self.accelerator.num_processes,
-            "parallelism": self.backend.kind,
-        }
+        summary = run_summary(
+            engine,
+            self.results,
+            skipped_steps=skipped,
+            world_size=self.accelerator.num_processes,
+            model=self.config.model.name,
+        )
         meta = {"label": label, "world_size": self.accelerator.num_processes, **final, **self.model_meta()}
         save_model_checkpoint(
             self.run_dir / "final" / "sharded", self.backend, engine.masks.masks, meta, True
@@ -410,14 +397,3 @@ class Run:
         )
         self.metrics.close()
         return summary
-
-
-def summary_table(summary: dict) -> str:
-    """Markdown table: P, each ticket, each superposition and the final model."""
-    rows = ["| model | accuracy | loss | density | step |", "|---|---|---|---|---|"]
-    for label, r in summary["results"].items():
-        name = f"final = {summary['final_is']}" if label == "final" else label
-        rows.append(
-            f"| {name} | {100 * r['accuracy']:.2f}% | {r['loss']:.4f} | {r['density']:.4f} | {r['step']} |"
-        )
-    return "\n".join(rows)

@@ -26,7 +26,8 @@ def run_training(
     """Returns the exit code. ``deepspeed_config``: the JSON given to the ``deepspeed`` launcher;
     ``resume``: ``auto`` or a run/checkpoint path to continue from."""
     from ..progress import configure as configure_progress
-    from .loop import Run, summary_table
+    from ..results import summary_table
+    from .loop import Run
     from .setup import prepare
     from .tracking import resolve_report_to
 

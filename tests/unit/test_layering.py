@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 FRAMEWORKS = ("accelerate", "deepspeed", "transformers", "timm", "datasets")
-CORE_PACKAGES = ("core", "tickets", "config")
+CORE_PACKAGES = ("core", "tickets", "config", "methods")
 PKG = Path(__file__).resolve().parents[2] / "sparse_sup"
 
 
@@ -29,6 +29,7 @@ def test_core_tickets_engine_import_no_frameworks():
         "import sparse_sup.tickets, sparse_sup.engine, sparse_sup.config"
     )
     assert "sparse_sup.engine" in loaded and "sparse_sup.tickets.superpose" in loaded
+    assert "sparse_sup.methods.granet" in loaded  # the method registry is part of the core
     frameworks = sorted(m for m in loaded if m.split(".")[0] in FRAMEWORKS)
     assert not frameworks, f"core/tickets/engine import {frameworks[:5]}"
     extra_distributed = sorted(m for m in loaded - baseline if m.startswith("torch.distributed"))
@@ -42,3 +43,12 @@ def test_core_sources_do_not_import_process_groups():
     )
     offenders = [str(f.relative_to(PKG)) for f in files if pattern.search(f.read_text())]
     assert not offenders, f"layering violated in {offenders}"
+
+
+def test_integrations_and_checkpoint_do_not_import_the_cli_training_package():
+    """The Trainer and the checkpoint code share components with the CLI loop (results, backends,
+    engine), never the loop itself (DESIGN.md: one arrow against the layering was removed)."""
+    files = [f for p in ("integrations", "checkpoint") for f in (PKG / p).rglob("*.py")]
+    pattern = re.compile(r"^\s*(from\s+(\.\.train|sparse_sup\.train)\b|import\s+sparse_sup\.train\b)", re.M)
+    offenders = [str(f.relative_to(PKG)) for f in files if pattern.search(f.read_text())]
+    assert not offenders, f"imports sparse_sup.train: {offenders}"
