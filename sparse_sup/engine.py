@@ -18,12 +18,13 @@ import torch
 
 from .config.plan import StepPlan
 from .config.schema import Config, ScheduleConfig, SparseConfig, TicketsConfig
-from .core import invariants, schedules
+from .core import invariants
 from .core.masks import MaskState
 from .core.targets import Target
 from .core.topology import drop_and_grow, global_prune
 from .methods import create_method
 from .tickets.superpose import SuperpositionChain
+from .timeline import Timeline
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -67,9 +68,10 @@ class SupTicketsEngine:
         self.base_lr, self.plan, self.backend, self.seed = base_lr, plan, backend, seed
         self.hooks = hooks or EngineHooks()
         self.method = create_method(sparse, plan)
-        self.phases = schedules.PhasePlan(
-            total_steps=plan.total_steps, num_cycles=plan.num_cycles, cycle_steps=plan.cycle_steps
+        self.timeline = Timeline(
+            plan=plan, sparse=sparse, tickets=tickets, schedule=schedule, base_lr=base_lr, method=self.method
         )
+        self.phases = self.timeline.phases
         self.step = 0  # optimizer steps completed
         self.targets: list[Target] = backend.targets()
         self.masks: MaskState | None = None
@@ -122,64 +124,17 @@ class SupTicketsEngine:
         self.backend.shard.all_reduce_sum(kept)
         return int(kept) / self.total_target_weights
 
-    # ---- schedules ----------------------------------------------------------------------
+    # ---- schedules (the timeline's, at the engine's step by default) ---------------------
     def lr(self, step: int | None = None) -> float:
-        """LR for the optimizer step taken after ``step`` completed steps (default: now)."""
-        step = self.step if step is None else step
-        cycle = self.phases.cycle_of(step)
-        if cycle is not None:
-            within = min(
-                step - self.plan.pre_steps - cycle * self.plan.cycle_steps, self.plan.cycle_steps - 1
-            )
-            return schedules.triangle_lr(
-                within,
-                cycle_steps=self.plan.cycle_steps,
-                lr_low=self.tickets.lr_low,
-                lr_high=self.tickets.lr_high,
-            )
-        s = self.schedule
-        if s.lr_schedule == "step":
-            lr = schedules.step_decay_lr(
-                step, base_lr=self.base_lr, milestones=list(self.plan.lr_milestones), gamma=s.lr_gamma
-            )
-        elif s.lr_schedule == "cosine":
-            lr = schedules.cosine_lr(step, base_lr=self.base_lr, min_lr=s.min_lr, steps=self.plan.pre_steps)
-        else:
-            lr = self.base_lr
-        return lr * schedules.warmup_factor(
-            step, warmup_steps=self.plan.warmup_steps, start_factor=s.warmup_start_factor
-        )
-
-    def drop_fraction(self, step: int) -> float:
-        s = self.sparse
-        return schedules.drop_fraction_at(
-            step,
-            initial=s.drop_fraction,
-            final=s.drop_fraction_final,
-            schedule=s.drop_fraction_schedule,
-            steps=self.plan.total_steps,
-        )
+        """LR (group 0) for the optimizer step taken after ``step`` completed steps (default: now)."""
+        return self.timeline.lr(self.step if step is None else step)
 
     def phase(self, step: int | None = None) -> tuple[str, int | None]:
         """("dst", None) in phase 1, ("cycle", m) in cycle m, for the step after ``step``."""
-        cycle = self.phases.cycle_of(self.step if step is None else step)
-        return ("dst", None) if cycle is None else ("cycle", cycle)
+        return self.timeline.phase(self.step if step is None else step)
 
     def mask_events(self, completed: int) -> list[str]:
-        """Mask changes due right after ``completed`` steps: 'prune', 'update', 'reexplore'."""
-        events = []
-        pre, total, interval = self.plan.pre_steps, self.plan.total_steps, self.sparse.update_interval
-        if 0 < completed <= pre and self.method.prune_density(completed) is not None:
-            events.append("prune")  # a global prune comes before the topology update of the step
-        if 0 < completed < pre and completed % interval == 0:
-            events.append("update")
-        if self.phases.cycle_start(completed) is not None and self.tickets.reexplore_fraction > 0:
-            events.append("reexplore")
-        elif (
-            self.tickets.mask_in_cycles == "update" and pre < completed < total and completed % interval == 0
-        ):
-            events.append("update")
-        return events
+        return self.timeline.mask_events(completed)
 
     def _needs_grad_scores(self, completed: int) -> bool:
         events = self.mask_events(completed)
@@ -239,7 +194,9 @@ class SupTicketsEngine:
                 swapped = {"pruned": before - self.masks.total_active()}
             else:
                 fraction = (
-                    self.tickets.reexplore_fraction if event == "reexplore" else self.drop_fraction(completed)
+                    self.tickets.reexplore_fraction
+                    if event == "reexplore"
+                    else self.timeline.drop_fraction(completed)
                 )
                 grow = "gradient" if event == "reexplore" else self.method.grow
                 swapped = drop_and_grow(

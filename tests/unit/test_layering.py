@@ -29,7 +29,7 @@ def test_core_tickets_engine_import_no_frameworks():
         "import sparse_sup.tickets, sparse_sup.engine, sparse_sup.config"
     )
     assert "sparse_sup.engine" in loaded and "sparse_sup.tickets.superpose" in loaded
-    assert "sparse_sup.methods.granet" in loaded  # the method registry is part of the core
+    assert "sparse_sup.methods.granet" in loaded and "sparse_sup.timeline" in loaded
     frameworks = sorted(m for m in loaded if m.split(".")[0] in FRAMEWORKS)
     assert not frameworks, f"core/tickets/engine import {frameworks[:5]}"
     extra_distributed = sorted(m for m in loaded - baseline if m.startswith("torch.distributed"))
