@@ -34,9 +34,12 @@ def build_backend(
     a ``fully_shard``-ed module (FSDP2), or anything else (one process, DDP, compiled) with the
     default process group as its data-parallel group. ``options`` apply to torch optimizers."""
     if _is_deepspeed_engine(model):
-        from .deepspeed import DeepSpeedBackend
+        from .deepspeed import ZERO_BACKENDS
 
-        return DeepSpeedBackend(model, target_names)
+        stage = model.zero_optimization_stage()
+        if stage not in ZERO_BACKENDS:
+            raise ValueError(f"sparse_sup needs ZeRO stage 1, 2 or 3 with DeepSpeed, got stage {stage}")
+        return ZERO_BACKENDS[stage](model, target_names)
     if _is_fsdp2(model):
         from .fsdp2 import FSDP2Backend
 

@@ -9,11 +9,19 @@ reduced gradient fragments and zeroes the masked ones; after it, masks are enfor
 counted only if DeepSpeed applied it (fp16 overflow skips count for nothing). This works whether
 the step is called by ``engine.step()`` or inside ``accelerator.backward()``.
 
-Private DeepSpeed APIs used (pinned by tests/distributed): ZeRO-1/2 ``param._hp_mapping``
-(``lp_fragment_address``, ``hp_fragment``, ``get_hp_fragment``, ``get_lp_grad_fragment``),
-``param._index_in_param_group``, ``optimizer.update_lp_params()``; ZeRO-3 ``param.ds_tensor``,
-``ds_numel``, ``ds_process_group``, ``optimizer._get_fp32_grad_state_partition``. Nothing here
-gathers a whole parameter except ``full_state`` / ``full_masks`` (the consolidated export and tests).
+What differs by stage is where one parameter's pieces live: ``ZeroBackend`` holds everything
+shared and builds targets / state tensors / layouts from per-parameter hooks that ``Zero12Backend``
+(ZeRO-1/2) and ``Zero3Backend`` (ZeRO-3) implement; ``build_backend`` picks one by
+``ZERO_BACKENDS[engine.zero_optimization_stage()]``.
+
+Private DeepSpeed APIs used (pinned by tests/distributed): ZeRO-1/2 (``Zero12Backend``)
+``param._hp_mapping`` (``lp_fragment_address``, ``hp_fragment``, ``get_hp_fragment``,
+``get_lp_grad_fragment``, ``optim_fragment``, ``get_optim_state_keys``),
+``param._index_in_param_group``, ``optimizer.update_lp_params()``; ZeRO-3 (``Zero3Backend``)
+``param.ds_tensor``, ``ds_numel``, ``ds_shape``, ``ds_process_group``,
+``optimizer._get_fp32_grad_state_partition``; both, the ZeRO optimizer's ``overflow`` flag. Nothing
+here gathers a whole parameter except ``full_state`` / ``full_masks`` (the consolidated export and
+tests).
 
 Under bf16/fp16 DeepSpeed casts the module's parameters (not its buffers, unless
 ``data_types.buffer_dtype`` says so) and runs no autocast: ``input_dtype`` tells the loop to cast
@@ -47,18 +55,20 @@ def deepspeed_input_dtype(ds_engine) -> torch.dtype | None:
     return None
 
 
-class DeepSpeedBackend:
-    """Targets over a ``DeepSpeedEngine``'s fp32 master fragments (ZeRO stage 1, 2 or 3)."""
+class ZeroBackend:
+    """Targets over a ``DeepSpeedEngine``'s fp32 master fragments: what every ZeRO stage shares
+    (the step wrapper, backward, checkpoints, whole-tensor export, and targets / state tensors /
+    layouts built from the per-parameter hooks). A subclass says where one parameter's pieces live:
+    ``_fragment`` (the placement: this rank's contiguous run of the weight's row-major flat
+    elements, as a global offset and an fp32 master view), ``_grad``, ``_states``, ``_shape`` and
+    ``refresh_model_weights``. ``build_backend`` picks the subclass from the engine's ZeRO stage."""
 
     kind = "deepspeed"
+    lockstep = False
 
     def __init__(self, ds_engine, target_names: list[str]) -> None:
         self.ds_engine = self.model = ds_engine
         self.optimizer = ds_engine.optimizer  # the ZeRO optimizer
-        self.stage = ds_engine.zero_optimization_stage()
-        if self.stage not in (1, 2, 3):
-            raise ValueError(f"sparse_sup needs ZeRO stage 1, 2 or 3 with DeepSpeed, got stage {self.stage}")
-        self.lockstep = self.stage == 3  # ZeRO-3 forwards all-gather parameters
         self.input_dtype = deepspeed_input_dtype(ds_engine)
         self.module = ds_engine.module
         self.target_names = [normalize_name(n) for n in target_names]
@@ -69,78 +79,44 @@ class DeepSpeedBackend:
         if missing:
             raise KeyError(f"target parameters not found in the DeepSpeed model: {missing[:5]}")
 
-    # ---- fragments of one parameter ----------------------------------------------------------
+    # ---- fragments of one parameter (per stage) ----------------------------------------------
     def _fragment(self, p: torch.nn.Parameter) -> tuple[int, torch.Tensor]:
         """(global flat offset, fp32 master fragment view) of this rank's piece of ``p``; a rank
-        holding none of its elements gets an empty fragment at offset ``min(offset, numel)``."""
-        if self.stage == 3:
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            rank = dist.get_rank(group=p.ds_process_group)
-            per_rank = p.ds_tensor.numel()  # ceil(numel / world): the last ranks' tails are padding
-            # on 3+ ranks a small parameter can leave a rank only padding (10 elements on 8 ranks:
-            # ranks 6 and 7 would start at 12 and 14); an empty run must still lie inside the tensor
-            offset = min(rank * per_rank, p.ds_numel)
-            n = min(per_rank, p.ds_numel - offset)
-            return offset, safe_get_local_fp32_param(p).detach().view(-1)[:n]
-        mapping = p._hp_mapping
-        if mapping is None:  # this rank holds no element of p
-            return 0, torch.empty(0, dtype=torch.float32, device=p.device)
-        return mapping.lp_fragment_address.start, mapping.hp_fragment.detach().view(-1)
+        holding none of its elements gets an empty fragment at an offset inside ``[0, numel]``."""
+        raise NotImplementedError
 
     def _grad(self, p: torch.nn.Parameter, n: int) -> torch.Tensor | None:
         """A view of the reduced (averaged) gradient fragment the optimizer steps from, in the
         gradient-accumulation dtype (bf16/fp16 under those modes); valid inside the step, before
         DeepSpeed's own step runs. Writes (masking) land where the optimizer reads."""
-        if n == 0 or not p.requires_grad:
-            return None
-        if self.stage == 3:
-            # not safe_get_local_grad: its ``.float()`` copies a bf16/fp16 partition, so zeroing the
-            # result would leave the optimizer's gradient unmasked. This is the tensor it wraps: a view
-            # of the partition buffer that ``step()`` flattens into the fp32 master's ``.grad`` (or,
-            # with optimizer offload, of that ``.grad`` itself)
-            grad, _ = self.optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=True)
-            return grad.view(-1)[:n]
-        mapping = p._hp_mapping
-        grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
-        if grad.numel() == p.numel() and n != p.numel():  # BF16_Optimizer keeps the whole grad
-            grad = grad[mapping.lp_fragment_address.start : mapping.lp_fragment_address.start + n]
-        return grad
+        raise NotImplementedError
 
     def _states(self, p: torch.nn.Parameter, n: int) -> list[torch.Tensor]:
         """Optimizer-state fragments (views; empty before the first applied step)."""
-        if n == 0:
-            return []
-        if self.stage == 3:
-            from deepspeed.utils import safe_get_local_optimizer_state
+        raise NotImplementedError
 
-            inner = self.optimizer.optimizer
-            # per-element states only: torch Adam's 0-dim "step" makes DeepSpeed's narrow() raise
-            first = next((s for s in inner.state.values() if s), {})
-            keys = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() >= 1]
-            out = []
-            for key in keys:
-                state = safe_get_local_optimizer_state(p, key)
-                if torch.is_tensor(state) and state.dim() >= 1 and state.numel() >= n:
-                    out.append(state.view(-1)[:n])
-            return out
-        mapping = p._hp_mapping
-        if not mapping.optim_fragment:
-            return []
-        return [mapping.get_hp_fragment(k).view(-1) for k in mapping.get_optim_state_keys()]
+    def _shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
+        """The whole parameter's shape (not the local piece's)."""
+        raise NotImplementedError
 
+    @torch.no_grad()
+    def refresh_model_weights(self) -> None:
+        """Copy the fp32 masters into the model weights after the masters changed outside a step
+        (mask changes, superposition swaps). Collective under ZeRO-1/2 (all-gather)."""
+        raise NotImplementedError
+
+    # ---- targets and layouts, from the per-parameter hooks ------------------------------------
     def targets(self) -> list[Target]:
         targets = []
         for name in self.target_names:
             p = self.params[name]
             offset, master = self._fragment(p)
             n = master.numel()
-            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
             targets.append(
                 Target(
                     name=name,
                     param=master,
-                    shape=shape,
+                    shape=self._shape(p),
                     offset=offset,
                     grad=lambda p=p, n=n: self._grad(p, n),
                     optimizer_states=lambda p=p, n=n: self._states(p, n),
@@ -157,25 +133,10 @@ class DeepSpeedBackend:
     def layouts(self) -> dict[str, Layout]:
         layouts = {}
         for name, p in self.params.items():
-            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
-            layouts[name] = Layout(shape, self._fragment(p)[0], False)
+            layouts[name] = Layout(self._shape(p), self._fragment(p)[0], False)
         for name, b in self.module.named_buffers():
             layouts[normalize_name(name)] = Layout(tuple(b.shape), 0, True)
         return layouts
-
-    @torch.no_grad()
-    def refresh_model_weights(self) -> None:
-        """Copy the fp32 masters into the model weights after the masters changed outside a step
-        (mask changes, superposition swaps). Collective under ZeRO-1/2 (all-gather)."""
-        if self.stage == 3:
-            for p in self.params.values():
-                _, master = self._fragment(p)
-                p.ds_tensor.view(-1)[: master.numel()].copy_(master)
-            # a parameter still gathered by an earlier forward (within ZeRO-3's reuse distance, e.g.
-            # an evaluation inside the step) would keep its stale full copy: release every one
-            self.ds_engine.empty_partition_cache()
-        else:
-            self.optimizer.update_lp_params()
 
     # ---- step wrapper -------------------------------------------------------------------------
     def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
@@ -242,3 +203,100 @@ class DeepSpeedBackend:
                 mask[offset : offset + piece.numel()] = piece
             full[t.name] = mask.view(t.shape)
         return full
+
+
+class Zero12Backend(ZeroBackend):
+    """ZeRO-1/2: every rank holds whole (cast) model weights; the fp32 master, its gradient and
+    optimizer state are partitioned, and ``param._hp_mapping`` says which run of ``p`` is here."""
+
+    def _fragment(self, p: torch.nn.Parameter) -> tuple[int, torch.Tensor]:
+        mapping = p._hp_mapping
+        if mapping is None:  # this rank holds no element of p
+            return 0, torch.empty(0, dtype=torch.float32, device=p.device)
+        return mapping.lp_fragment_address.start, mapping.hp_fragment.detach().view(-1)
+
+    def _grad(self, p: torch.nn.Parameter, n: int) -> torch.Tensor | None:
+        if n == 0 or not p.requires_grad:
+            return None
+        mapping = p._hp_mapping
+        grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
+        if grad.numel() == p.numel() and n != p.numel():  # BF16_Optimizer keeps the whole grad
+            grad = grad[mapping.lp_fragment_address.start : mapping.lp_fragment_address.start + n]
+        return grad
+
+    def _states(self, p: torch.nn.Parameter, n: int) -> list[torch.Tensor]:
+        if n == 0:
+            return []
+        mapping = p._hp_mapping
+        if not mapping.optim_fragment:
+            return []
+        return [mapping.get_hp_fragment(k).view(-1) for k in mapping.get_optim_state_keys()]
+
+    def _shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
+        return tuple(p.shape)
+
+    @torch.no_grad()
+    def refresh_model_weights(self) -> None:
+        """Collective (all-gather): every rank rebuilds its whole model weights from the masters."""
+        self.optimizer.update_lp_params()
+
+
+class Zero3Backend(ZeroBackend):
+    """ZeRO-3: the model weights are partitioned too (``param.ds_tensor``, ``ceil(numel / world)``
+    elements a rank, the last ranks' tails padding); this rank's master run is the same one."""
+
+    lockstep = True  # ZeRO-3 forwards all-gather parameters
+
+    def _fragment(self, p: torch.nn.Parameter) -> tuple[int, torch.Tensor]:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        rank = dist.get_rank(group=p.ds_process_group)
+        per_rank = p.ds_tensor.numel()  # ceil(numel / world): the last ranks' tails are padding
+        # on 3+ ranks a small parameter can leave a rank only padding (10 elements on 8 ranks:
+        # ranks 6 and 7 would start at 12 and 14); an empty run must still lie inside the tensor
+        offset = min(rank * per_rank, p.ds_numel)
+        n = min(per_rank, p.ds_numel - offset)
+        return offset, safe_get_local_fp32_param(p).detach().view(-1)[:n]
+
+    def _grad(self, p: torch.nn.Parameter, n: int) -> torch.Tensor | None:
+        if n == 0 or not p.requires_grad:
+            return None
+        # not safe_get_local_grad: its ``.float()`` copies a bf16/fp16 partition, so zeroing the
+        # result would leave the optimizer's gradient unmasked. This is the tensor it wraps: a view
+        # of the partition buffer that ``step()`` flattens into the fp32 master's ``.grad`` (or,
+        # with optimizer offload, of that ``.grad`` itself)
+        grad, _ = self.optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=True)
+        return grad.view(-1)[:n]
+
+    def _states(self, p: torch.nn.Parameter, n: int) -> list[torch.Tensor]:
+        if n == 0:
+            return []
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        inner = self.optimizer.optimizer
+        # per-element states only: torch Adam's 0-dim "step" makes DeepSpeed's narrow() raise
+        first = next((s for s in inner.state.values() if s), {})
+        keys = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() >= 1]
+        out = []
+        for key in keys:
+            state = safe_get_local_optimizer_state(p, key)
+            if torch.is_tensor(state) and state.dim() >= 1 and state.numel() >= n:
+                out.append(state.view(-1)[:n])
+        return out
+
+    def _shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
+        return tuple(p.ds_shape)  # ``p.shape`` is (0,) while p is partitioned
+
+    @torch.no_grad()
+    def refresh_model_weights(self) -> None:
+        """Local: each rank copies its master run into its own weight partition."""
+        for p in self.params.values():
+            _, master = self._fragment(p)
+            p.ds_tensor.view(-1)[: master.numel()].copy_(master)
+        # a parameter still gathered by an earlier forward (within ZeRO-3's reuse distance, e.g.
+        # an evaluation inside the step) would keep its stale full copy: release every one
+        self.ds_engine.empty_partition_cache()
+
+
+# ZeRO stage -> backend (stage 0 has no partitioned fp32 master to mask: build_backend refuses it)
+ZERO_BACKENDS: dict[int, type[ZeroBackend]] = {1: Zero12Backend, 2: Zero12Backend, 3: Zero3Backend}

@@ -279,11 +279,13 @@ class ToyRun:
         """After every step: count masked positions that are nonzero in the fp32 master fragment,
         in this rank's piece of the (possibly bf16) model weights and in every optimizer-state
         fragment; ``masked_nonzero_totals`` asserts the counts are zero at the end."""
+        from sparse_sup.backends.deepspeed import Zero3Backend
+
         for t in self.engine.targets:
             keep = self.engine.masks.masks[t.name].reshape(-1)
             p = self.backend.params[t.name]
             n = t.param.numel()
-            if self.backend.stage == 3:
+            if isinstance(self.backend, Zero3Backend):
                 model_piece = p.ds_tensor.view(-1)[:n]
             else:
                 model_piece = p.data.view(-1)[t.offset : t.offset + n]
