@@ -183,7 +183,9 @@ def test_hf_resnet_bn_recalibration_and_resume_mid_cycle(runs, tmp_path):
     assert (full["dir"] / "checkpoint-20" / "sparse_sup" / "rank0.pt").exists()
 
     stopped = worker.run(model="resnet", save_steps=20, stop_at=20, output_dir=str(tmp_path))
-    assert stopped["summary"]["steps_completed"] == 20 and stopped["summary"]["final_is"].startswith("not")
+    assert stopped["summary"]["steps_completed"] == 20 and stopped["summary"]["final_is"].startswith(
+        "training model at step 20"
+    )
     for name in ("T_2", "S_2"):
         shutil.rmtree(tmp_path / "tickets" / name, ignore_errors=True)  # nothing of the later cycle exists
     resumed = worker.run(
