@@ -242,8 +242,3 @@ class TorchOptimizerStep:
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return self.applied
-
-
-@contextlib.contextmanager
-def no_op_context() -> Iterator[None]:
-    yield
