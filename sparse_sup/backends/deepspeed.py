@@ -42,6 +42,7 @@ from ..core.names import normalize_name
 from ..core.targets import Target
 from .base import Layout, lr_ratios, set_lrs
 from .collectives import ProcessGroupCollectives
+from .deepspeed_config import refuse_offload
 
 
 def deepspeed_input_dtype(ds_engine) -> torch.dtype | None:
@@ -70,6 +71,11 @@ class ZeroBackend:
         self.ds_engine = self.model = ds_engine
         self.optimizer = ds_engine.optimizer  # the ZeRO optimizer
         self.input_dtype = deepspeed_input_dtype(ds_engine)
+        offload = {
+            "offload_optimizer": ds_engine.zero_offload_optimizer(),
+            "offload_param": ds_engine.zero_offload_param(),
+        }
+        refuse_offload({key: getattr(section, "device", None) for key, section in offload.items()})
         self.module = ds_engine.module
         self.target_names = [normalize_name(n) for n in target_names]
         self.shard: Collectives = ProcessGroupCollectives()

@@ -20,6 +20,21 @@ def _set(section: dict, key: str, value, where: str) -> None:
         )
 
 
+def refuse_offload(devices: dict[str, object]) -> None:
+    """``devices``: ``offload_optimizer`` / ``offload_param`` -> device (None, "none", "cpu", "nvme" or
+    DeepSpeed's enum). Offloading keeps the fp32 masters and optimizer state where the masks cannot
+    reach them in place (DeepSpeed's accessors return copies there): refused, not silently wrong."""
+    for key, device in devices.items():
+        device = str(getattr(device, "value", device) or "none").lower()
+        if device != "none":
+            raise ConfigError(
+                f"DeepSpeed zero_optimization.{key} on {device!r} is not supported: sparse_sup applies the "
+                "masks to the fp32 master weights and optimizer state where the update lands, and with "
+                "offloading DeepSpeed exposes those only as copies. Remove zero_optimization."
+                f"{key} from the DeepSpeed config (ZeRO-3 without offload shards the masters instead)"
+            )
+
+
 def fill_deepspeed_config(source: str | Path | dict, config: Config, world_size: int) -> dict:
     """The DeepSpeed config (a JSON path, or the dict of Accelerate's DeepSpeed plugin, filled in
     place) with every training-config-derived value filled in."""
@@ -33,6 +48,10 @@ def fill_deepspeed_config(source: str | Path | dict, config: Config, world_size:
             ds = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"--deepspeed {str(path)!r} is not valid JSON: {e}") from e
+    zero = ds.get("zero_optimization") or {}
+    refuse_offload(
+        {key: (zero.get(key) or {}).get("device") for key in ("offload_optimizer", "offload_param")}
+    )
     s = config.schedule
     per_step = world_size * s.grad_accum_steps
     if s.batch_size % per_step:

@@ -97,6 +97,28 @@ def test_deepspeed_config_casts_buffers_with_the_training_dtype():
     assert "buffer_dtype" not in fill_deepspeed_config(dict(base), fp32, 2).get("data_types", {})
 
 
+def test_zero_offload_is_refused_before_training(tmp_path):
+    """With ZeRO offload the fp32 masters and optimizer state live where DeepSpeed exposes only
+    copies, so masks would silently miss the update: refused with exit 2, naming the key to remove,
+    before anything is written (the backend refuses the same for the Trainer's deepspeed= path)."""
+    from sparse_sup.backends.deepspeed_config import refuse_offload
+    from sparse_sup.config import ConfigError
+
+    refuse_offload({"offload_optimizer": None, "offload_param": "none"})  # no offload: accepted
+    with pytest.raises(ConfigError, match="zero_optimization.offload_param on 'nvme'"):
+        refuse_offload({"offload_optimizer": None, "offload_param": "nvme"})
+    ds = tmp_path / "zero2-offload.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    args = ["--config", "configs/tiny-test.yaml", f"--experiment.output_dir={run_dir}"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--deepspeed", str(ds), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "zero_optimization.offload_optimizer on 'cpu' is not supported" in proc.stderr
+    assert not run_dir.exists()
+
+
 def run_padded_zero3(tmp_path: Path, world: int) -> tuple[dict, Path]:
     out, ticket = tmp_path / "result.pt", tmp_path / "ticket"
     args = ["--mode", "zero3", "--model", "padded", "--float32", "--max-steps", "4"]
