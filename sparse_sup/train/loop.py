@@ -104,18 +104,18 @@ class Run:
         self.model, self.optimizer = wrap_model(self.p, self.accelerator)
         self.device = next(unwrap_module(self.model).parameters()).device
         self.autocast, backward = self.accelerator.autocast, self.accelerator.backward
-        self.own_scaler = None
-        if c.train.precision == "fp16" and self.accelerator.scaler is None and self.device.type == "cpu":
+        self.scaler = self.accelerator.scaler  # the loss scaler, if any (its state joins checkpoints)
+        if c.train.precision == "fp16" and self.scaler is None and self.device.type == "cpu":
             # Accelerate runs neither fp16 autocast nor a GradScaler on the CPU, so fp16 would silently
             # be fp32: run both here (the same scaler semantics as on a GPU, overflows included)
-            self.own_scaler = torch.amp.GradScaler("cpu")
+            self.scaler = torch.amp.GradScaler("cpu")
             self.autocast = lambda: torch.autocast("cpu", dtype=torch.float16)
-            backward = lambda loss: self.own_scaler.scale(loss).backward()
+            backward = lambda loss: self.scaler.scale(loss).backward()
         options = StepOptions(
             max_grad_norm=c.optim.max_grad_norm,
             skip_nonfinite=c.train.skip_nonfinite,
             backward=backward,
-            scaler=self.accelerator.scaler if self.own_scaler is None else self.own_scaler,
+            scaler=self.scaler,
         )
         self.backend = build_backend(self.model, self.optimizer, self.p.target_names, options)
         self.module = self.backend.module
@@ -160,13 +160,12 @@ class Run:
         ``checkpoint.every_steps``): each rank's BN buffers, which differ between ranks (each tracks
         its own micro-batches; DDP broadcasts rank 0's at the next forward, FSDP2 never does), go
         into its own state file as they are, rather than being averaged in place before the save."""
-        scaler = self.accelerator.scaler if self.accelerator.scaler is not None else self.own_scaler
         state = {
             "engine": self.engine.state_dict(),
             "mask_history": self.mask_history.state_dict(),
             "loop": {"results": self.results, "skipped": self.skipped},
             "buffers": {n: b.detach().clone() for n, b in self.module.named_buffers()},
-            "scaler": None if scaler is None else scaler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
             # dropout / drop-path draw from the device's generator when the model is on a GPU
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
@@ -193,9 +192,8 @@ class Run:
         with torch.no_grad():  # this rank's own buffers (rank 0's at another world size)
             for name, buffer in self.module.named_buffers():
                 buffer.copy_(state["buffers"][name])
-        scaler = self.accelerator.scaler if self.accelerator.scaler is not None else self.own_scaler
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
