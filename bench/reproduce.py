@@ -63,7 +63,33 @@ SCHEDULES: dict[str, list[str]] = {
     "paper": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.1", "--tickets.reexplore_fraction=0.5"],
     "noreexp": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.1", "--tickets.reexplore_fraction=0"],
 }
+# The schedule study at the embedded default (issue 20): the default's own split, the same without
+# re-exploration, and tails -- tickets taken from the base schedule's own last 15% / 30% (no steps
+# leave phase 1), with and without P in the average.
+SCHEDULES.update(
+    {
+        "cycles15": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.15", "--tickets.reexplore_fraction=0.5"],
+        "cycles15-noreexp": [
+            "--tickets.num_cycles=3",
+            "--tickets.cycles_fraction=0.15",
+            "--tickets.reexplore_fraction=0",
+        ],
+        "tail15": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.15", "--tickets.schedule=tail"],
+        "tail30": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.3", "--tickets.schedule=tail"],
+        "tail30-noP": [
+            "--tickets.num_cycles=3",
+            "--tickets.cycles_fraction=0.3",
+            "--tickets.schedule=tail",
+            "--tickets.include_phase1_model=false",
+        ],
+    }
+)
 SCHEDULE_TEXT = {
+    "cycles15": "the embedded default's split before this study: 3 cycles in 15% of the budget, re-exploration 0.5",
+    "cycles15-noreexp": "3 cycles in 15% of the budget, no re-exploration",
+    "tail15": "tail: 3 tickets at equal steps through the base schedule's last 15%, P included",
+    "tail30": "tail: 3 tickets at equal steps through the base schedule's last 30%, P included",
+    "tail30-noP": "tail over the last 30%, P left out of the average",
     "base": "base method, whole budget",
     "paper": "3 cycles in 10% of the budget, re-exploration 0.5 (paper's CIFAR split)",
     "noreexp": "3 cycles in 10% of the budget, no re-exploration",
@@ -105,6 +131,15 @@ TIERS = {
         {"rigl": [0]},
         ("base", "paper", "noreexp"),
         CPU_COMMON,
+    ),
+    "default": Tier(
+        "schedule study at the embedded default: ResNet-18 (ImageNet stem), bundled CIFAR-10 mini "
+        "(10k/2k), 10 epochs, RigL at density 0.1 (`python train.py` with only the ticket flags changed)",
+        "configs/debug-cpu.yaml",
+        10,
+        {"rigl": [0, 1, 2]},
+        ("base", "cycles15", "cycles15-noreexp", "tail15", "tail30", "tail30-noP"),
+        ["--train.progress_bar=false"],
     ),
     "smoke": Tier(
         "smoke tier: timm test_resnet on 512 bundled images, 8 epochs of 8 steps (tests only; "

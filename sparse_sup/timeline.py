@@ -21,7 +21,7 @@ class Timeline:
     def lr(self, step: int) -> float:
         """Group 0's LR for the optimizer step taken after ``step`` completed steps."""
         cycle = self.phases.cycle_of(step)
-        if cycle is not None:
+        if cycle is not None and self.tickets.schedule == "cycles":
             within = min(
                 step - self.plan.pre_steps - cycle * self.plan.cycle_steps, self.plan.cycle_steps - 1
             )
@@ -37,7 +37,8 @@ class Timeline:
                 step, base_lr=self.base_lr, milestones=list(self.plan.lr_milestones), gamma=s.lr_gamma
             )
         elif s.lr_schedule == "cosine":
-            lr = schedules.cosine_lr(step, base_lr=self.base_lr, min_lr=s.min_lr, steps=self.plan.pre_steps)
+            span = self.plan.base_lr_steps or self.plan.pre_steps
+            lr = schedules.cosine_lr(step, base_lr=self.base_lr, min_lr=s.min_lr, steps=span)
         else:
             lr = self.base_lr
         return lr * schedules.warmup_factor(

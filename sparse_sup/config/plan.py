@@ -21,6 +21,9 @@ class StepPlan:
     lr_milestones: tuple[int, ...]
     prune_start: int
     prune_end: int
+    # steps the base LR schedule (step milestones, cosine) spans: phase 1 with the paper's cycles,
+    # the whole budget with tickets.schedule=tail; None: pre_steps
+    base_lr_steps: int | None = None
 
     @property
     def pre_steps(self) -> int:
@@ -79,6 +82,7 @@ def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
             "use fewer or shorter cycles, or more epochs"
         )
     pre = total - t.num_cycles * cycle_steps
+    lr_span = total if t.schedule == "tail" else pre
     s = config.sparse
     return StepPlan(
         steps_per_epoch=steps_per_epoch,
@@ -86,7 +90,8 @@ def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
         num_cycles=t.num_cycles,
         cycle_steps=cycle_steps,
         warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
-        lr_milestones=tuple(round(m * pre) for m in config.schedule.lr_milestones),
+        lr_milestones=tuple(round(m * lr_span) for m in config.schedule.lr_milestones),
         prune_start=round(s.granet_prune_start_epoch * steps_per_epoch),
         prune_end=min(pre, round(s.granet_prune_end_epoch * steps_per_epoch)),
+        base_lr_steps=lr_span,
     )

@@ -127,7 +127,8 @@ class ScheduleConfig:
     batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation steps)
     grad_accum_steps: int = 1
     lr_schedule: str = "step"  # base LR in phase 1: step, cosine or constant
-    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of phase 1
+    # fractions of phase 1 (of the whole budget with tickets.schedule=tail)
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     lr_gamma: float = 0.1
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
@@ -202,11 +203,18 @@ class SparseConfig:
 @dataclass(kw_only=True)
 class TicketsConfig:
     num_cycles: int = 3  # 0: plain DST for the whole budget (the base method)
+    # cycles: the paper's -- phase 1 runs the base LR schedule in the steps before the cycles, each
+    #   cycle a triangle lr_low -> lr_high -> lr_low;
+    # tail: no steps leave phase 1 -- the base LR schedule spans the whole budget and the tickets are
+    #   the models at equal steps through its last part (low-LR tail averaging; lr_low/lr_high unused)
+    schedule: str = "cycles"
     cycle_epochs: float | None = None  # length of one cycle; or give cycles_fraction
     cycles_fraction: float | None = None  # fraction of the whole budget in cycles (default 0.1)
     lr_low: float = 1e-3
     lr_high: float = 5e-3
-    reexplore_fraction: float = 0.5  # drop/regrow-by-gradient at each cycle start; 0: off
+    # drop/regrow-by-gradient at each cycle start; 0: off; null: 0.5 with cycles, 0 with tail (a
+    # weight regrown at zero cannot learn at the tail's LR)
+    reexplore_fraction: float | None = None
     mask_in_cycles: str = "frozen"  # frozen (CIFAR recipe) or update (ImageNet recipe)
     merge: str = "caa"  # caa (cumulative average) or ema
     ema_ticket_weight: float = 0.5  # ema: S <- (1 - w) * S + w * T_i (w weights the new ticket)
@@ -218,6 +226,9 @@ class TicketsConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_cycles >= 0, "tickets.num_cycles", self.num_cycles, "an integer >= 0")
+        _choice("tickets.schedule", self.schedule, ("cycles", "tail"))
+        if self.reexplore_fraction is None:
+            self.reexplore_fraction = 0.5 if self.schedule == "cycles" else 0.0
         _check(
             self.cycle_epochs is None or self.cycles_fraction is None,
             "tickets.cycle_epochs",

@@ -1,0 +1,59 @@
+"""tickets.schedule: the paper's cycles against the tail schedule, which takes no steps from phase 1."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparse_sup.config import load_config, resolve_plan
+from sparse_sup.config.errors import ConfigError
+from sparse_sup.methods import create_method
+from sparse_sup.timeline import Timeline
+
+BASE = ["--schedule.epochs=10", "--schedule.batch_size=16", "--sparse.update_interval=10"]
+
+
+def _timeline(*overrides: str) -> Timeline:
+    cfg = load_config(None, [*BASE, *overrides])
+    plan = resolve_plan(cfg, 160)  # 10 steps per epoch, 100 steps
+    return Timeline(
+        plan=plan,
+        sparse=cfg.sparse,
+        tickets=cfg.tickets,
+        schedule=cfg.schedule,
+        base_lr=cfg.optim.lr,
+        method=create_method(cfg.sparse, plan),
+    )
+
+
+@pytest.mark.parametrize("lr_schedule", ["step", "cosine"])
+def test_tail_keeps_the_base_runs_lr_at_every_step(lr_schedule: str) -> None:
+    """The tail's tickets are snapshots of the base schedule: its LR equals the base run's at every
+    step, while the paper's cycles compress phase 1 and run their own triangle."""
+    flags = [f"--schedule.lr_schedule={lr_schedule}", "--tickets.cycles_fraction=0.3"]
+    base = _timeline(*flags, "--tickets.num_cycles=0")
+    tail = _timeline(*flags, "--tickets.num_cycles=3", "--tickets.schedule=tail")
+    cycles = _timeline(*flags, "--tickets.num_cycles=3")
+    assert tail.plan.pre_steps == cycles.plan.pre_steps == 70
+    assert [tail.lr(s) for s in range(100)] == [base.lr(s) for s in range(100)]
+    assert [cycles.lr(s) for s in range(70)] != [base.lr(s) for s in range(70)]
+    assert max(cycles.lr(s) for s in range(70, 100)) == pytest.approx(cycles.tickets.lr_high)
+    if lr_schedule == "step":
+        assert tail.plan.lr_milestones == (50, 75) and cycles.plan.lr_milestones == (35, 52)
+
+
+def test_tail_does_not_reexplore_by_default_and_freezes_masks() -> None:
+    tail = _timeline("--tickets.num_cycles=3", "--tickets.schedule=tail", "--tickets.cycles_fraction=0.3")
+    events = {s: tail.mask_events(s) for s in range(1, 101)}
+    assert tail.tickets.reexplore_fraction == 0.0
+    assert all("reexplore" not in e for e in events.values())
+    assert [s for s, e in events.items() if "update" in e] == [10, 20, 30, 40, 50, 60]
+    cycles = _timeline("--tickets.num_cycles=3", "--tickets.cycles_fraction=0.3")
+    assert cycles.tickets.reexplore_fraction == 0.5
+    assert [s for s in range(1, 101) if "reexplore" in cycles.mask_events(s)] == [70, 80, 90]
+    explicit = _timeline("--tickets.schedule=tail", "--tickets.reexplore_fraction=0.2")
+    assert explicit.tickets.reexplore_fraction == 0.2
+
+
+def test_unknown_ticket_schedule_names_the_key_and_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"tickets\.schedule.*swa.*cycles.*tail"):
+        load_config(None, ["--tickets.schedule=swa"])
