@@ -52,46 +52,86 @@ def check_batch_split(schedule: ScheduleConfig, world_size: int) -> None:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class PlanKeys:
+    """How a front end names the settings behind a plan, for its error messages."""
+
+    num_cycles: str = "tickets.num_cycles"
+    cycle_length: str = "tickets.cycle_epochs / tickets.cycles_fraction"
+    budget: str = "schedule.epochs"
+
+
+def plan_steps(
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    num_cycles: int,
+    cycle_steps: int | None,
+    cycles_fraction: float | None,
+    warmup_steps: int = 0,
+    lr_milestones: tuple[float, ...] = (),
+    prune_start: int = 0,
+    prune_end: int | None = None,
+    keys: PlanKeys = PlanKeys(),
+    budget: str | None = None,
+) -> StepPlan:
+    """The phase plan over ``total_steps`` optimizer steps, for every front end (the CLI through
+    ``resolve_plan``, the Trainer through ``SparsityArguments.plan``). ``cycle_steps``: explicit cycle
+    length, else ``cycles_fraction`` of the budget (default 0.1) split over the cycles;
+    ``lr_milestones``: fractions of phase 1; ``prune_end`` None: the end of phase 1. ``budget``
+    describes the budget in messages (default ``keys.budget``). Raises ``ConfigError`` naming the
+    keys when the budget cannot hold the requested phases."""
+    n = num_cycles
+    if n == 0:
+        cycle_steps = 0
+    elif cycle_steps is None:
+        fraction = 0.1 if cycles_fraction is None else cycles_fraction
+        cycle_steps = round(fraction * total_steps / n)
+    if n and cycle_steps < 2:
+        raise ConfigError(
+            f"{keys.num_cycles}={n} gives cycles of {cycle_steps} optimizer steps, too short (need >= 2); "
+            f"use fewer cycles or raise {keys.cycle_length} or {keys.budget}"
+        )
+    if n * cycle_steps >= total_steps:
+        raise ConfigError(
+            f"{keys.num_cycles}={n} x {cycle_steps} steps per cycle do not fit in {budget or keys.budget} "
+            f"({total_steps} steps): phase 1 would have no steps; use fewer or shorter cycles, or raise "
+            f"{keys.budget}"
+        )
+    pre = total_steps - n * cycle_steps
+    end = pre if prune_end is None else min(pre, prune_end)
+    return StepPlan(
+        steps_per_epoch=max(1, steps_per_epoch),
+        total_steps=total_steps,
+        num_cycles=n,
+        cycle_steps=cycle_steps,
+        warmup_steps=warmup_steps,
+        lr_milestones=tuple(round(m * pre) for m in lr_milestones),
+        # a start after the end prunes nothing either way (GraNet prunes in [start, phase 1's end))
+        prune_start=min(prune_start, end),
+        prune_end=end,
+    )
+
+
 def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
-    """Raises ``ConfigError`` naming the keys when the budget cannot hold the requested phases."""
+    """The CLI's plan: epoch-based settings in optimizer steps of ``schedule.batch_size`` over
+    ``num_train_samples`` examples, then ``plan_steps``."""
     batch = config.schedule.batch_size
     steps_per_epoch = num_train_samples // batch
     if steps_per_epoch < 1:
         raise ConfigError(
             f"schedule.batch_size={batch} is larger than the training set ({num_train_samples} samples)"
         )
-    total = round(config.schedule.epochs * steps_per_epoch)
-    t = config.tickets
-    if t.num_cycles == 0:
-        cycle_steps = 0
-    elif t.cycle_epochs is not None:
-        cycle_steps = round(t.cycle_epochs * steps_per_epoch)
-    else:
-        fraction = 0.1 if t.cycles_fraction is None else t.cycles_fraction
-        cycle_steps = round(fraction * total / t.num_cycles)
-    if t.num_cycles and cycle_steps < 2:
-        raise ConfigError(
-            f"tickets.num_cycles={t.num_cycles} gives cycles of {cycle_steps} optimizer steps, too short "
-            "(need >= 2); use fewer cycles or raise tickets.cycle_epochs / tickets.cycles_fraction or "
-            "schedule.epochs"
-        )
-    if t.num_cycles * cycle_steps >= total:
-        raise ConfigError(
-            f"tickets.num_cycles={t.num_cycles} x {cycle_steps} steps per cycle do not fit in "
-            f"schedule.epochs={config.schedule.epochs} ({total} steps): phase 1 would have no steps; "
-            "use fewer or shorter cycles, or more epochs"
-        )
-    pre = total - t.num_cycles * cycle_steps
-    lr_span = total if t.schedule == "tail" else pre
-    s = config.sparse
-    return StepPlan(
+    t, s = config.tickets, config.sparse
+    return plan_steps(
+        total_steps=round(config.schedule.epochs * steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
-        total_steps=total,
         num_cycles=t.num_cycles,
-        cycle_steps=cycle_steps,
+        cycle_steps=None if t.cycle_epochs is None else round(t.cycle_epochs * steps_per_epoch),
+        cycles_fraction=t.cycles_fraction,
         warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
-        lr_milestones=tuple(round(m * lr_span) for m in config.schedule.lr_milestones),
+        lr_milestones=tuple(config.schedule.lr_milestones),
         prune_start=round(s.granet_prune_start_epoch * steps_per_epoch),
-        prune_end=min(pre, round(s.granet_prune_end_epoch * steps_per_epoch)),
-        base_lr_steps=lr_span,
+        prune_end=round(s.granet_prune_end_epoch * steps_per_epoch),
+        budget=f"schedule.epochs={config.schedule.epochs}",
     )

@@ -11,8 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config.plan import StepPlan
+from ..config.plan import PlanKeys, StepPlan, plan_steps
 from ..config.schema import ScheduleConfig, SparseConfig, TicketsConfig
+
+TRAINER_PLAN_KEYS = PlanKeys(
+    num_cycles="tickets_num_cycles",
+    cycle_length="tickets_cycle_steps / tickets_cycles_fraction",
+    budget="max_steps / num_train_epochs",
+)
 
 
 def _help(text: str) -> dict:
@@ -24,8 +30,12 @@ class SparsityArguments:
     """Dynamic sparse training (phase 1) and cheap tickets (phase 2) for ``SupTicketsTrainer``."""
 
     # ---- phase 1: the DST method -------------------------------------------------------------
-    sparse_method: Literal["set", "rigl", "granet"] = field(
-        default="rigl", metadata=_help("set: random regrowth; rigl: regrowth by |gradient|; granet: + prune")
+    sparse_method: str = field(
+        default="rigl",
+        metadata=_help(
+            "a registered DST method (sparse_sup.methods.METHODS: set, rigl, granet, and any registered "
+            "with @register_method); checked against the registry when the arguments are built"
+        ),
     )
     sparse_density: float = field(default=0.1, metadata=_help("fraction of target weights kept, in (0, 1]"))
     sparse_distribution: Literal["erk", "uniform"] = field(
@@ -146,39 +156,17 @@ class SparsityArguments:
         return ScheduleConfig(lr_schedule="constant", lr_milestones=[])
 
     def plan(self, total_steps: int, steps_per_epoch: int) -> StepPlan:
-        """The phase plan over the Trainer's ``total_steps`` optimizer steps (same rules as the CLI's
-        ``resolve_plan``). Raises ``ValueError`` naming the arguments when the budget is too small."""
-        n = self.tickets_num_cycles
-        if n == 0:
-            cycle_steps = 0
-        elif self.tickets_cycle_steps is not None:
-            cycle_steps = self.tickets_cycle_steps
-        else:
-            fraction = 0.1 if self.tickets_cycles_fraction is None else self.tickets_cycles_fraction
-            cycle_steps = round(fraction * total_steps / n)
-            if cycle_steps < 2:
-                raise ValueError(
-                    f"tickets_num_cycles={n} over {total_steps} training steps gives cycles of {cycle_steps} "
-                    "optimizer steps (need >= 2): raise tickets_cycles_fraction, set tickets_cycle_steps, "
-                    "use fewer cycles or train longer (max_steps / num_train_epochs)"
-                )
-        if n * cycle_steps >= total_steps:
-            raise ValueError(
-                f"tickets_num_cycles={n} x {cycle_steps} steps per cycle do not fit in the Trainer's "
-                f"{total_steps} optimizer steps: phase 1 would have no steps; use fewer or shorter cycles, "
-                "or train longer (max_steps / num_train_epochs)"
-            )
-        pre = total_steps - n * cycle_steps
-        end = (
-            pre if self.sparse_granet_prune_end_step is None else min(pre, self.sparse_granet_prune_end_step)
-        )
-        return StepPlan(
-            steps_per_epoch=max(1, steps_per_epoch),
+        """The phase plan over the Trainer's ``total_steps`` optimizer steps: ``config.plan``'s
+        ``plan_steps``, the CLI's arithmetic. Raises ``ValueError`` naming the arguments when the
+        budget is too small."""
+        return plan_steps(
             total_steps=total_steps,
-            num_cycles=n,
-            cycle_steps=cycle_steps,
-            warmup_steps=0,
-            lr_milestones=(),
-            prune_start=min(self.sparse_granet_prune_start_step, end),
-            prune_end=end,
+            steps_per_epoch=steps_per_epoch,
+            num_cycles=self.tickets_num_cycles,
+            cycle_steps=self.tickets_cycle_steps,
+            cycles_fraction=self.tickets_cycles_fraction,
+            prune_start=self.sparse_granet_prune_start_step,
+            prune_end=self.sparse_granet_prune_end_step,
+            keys=TRAINER_PLAN_KEYS,
+            budget="the Trainer's optimizer steps",
         )
