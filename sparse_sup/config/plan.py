@@ -72,13 +72,15 @@ def plan_steps(
     lr_milestones: tuple[float, ...] = (),
     prune_start: int = 0,
     prune_end: int | None = None,
+    lr_over_whole_budget: bool = False,
     keys: PlanKeys = PlanKeys(),
     budget: str | None = None,
 ) -> StepPlan:
     """The phase plan over ``total_steps`` optimizer steps, for every front end (the CLI through
     ``resolve_plan``, the Trainer through ``SparsityArguments.plan``). ``cycle_steps``: explicit cycle
     length, else ``cycles_fraction`` of the budget (default 0.1) split over the cycles;
-    ``lr_milestones``: fractions of phase 1; ``prune_end`` None: the end of phase 1. ``budget``
+    ``lr_milestones``: fractions of the base LR schedule's span (phase 1, or the whole budget with
+    ``lr_over_whole_budget``, tickets.schedule=tail); ``prune_end`` None: the end of phase 1. ``budget``
     describes the budget in messages (default ``keys.budget``). Raises ``ConfigError`` naming the
     keys when the budget cannot hold the requested phases."""
     n = num_cycles
@@ -99,6 +101,7 @@ def plan_steps(
             f"{keys.budget}"
         )
     pre = total_steps - n * cycle_steps
+    lr_span = total_steps if lr_over_whole_budget else pre
     end = pre if prune_end is None else min(pre, prune_end)
     return StepPlan(
         steps_per_epoch=max(1, steps_per_epoch),
@@ -106,10 +109,11 @@ def plan_steps(
         num_cycles=n,
         cycle_steps=cycle_steps,
         warmup_steps=warmup_steps,
-        lr_milestones=tuple(round(m * pre) for m in lr_milestones),
+        lr_milestones=tuple(round(m * lr_span) for m in lr_milestones),
         # a start after the end prunes nothing either way (GraNet prunes in [start, phase 1's end))
         prune_start=min(prune_start, end),
         prune_end=end,
+        base_lr_steps=lr_span,
     )
 
 
@@ -133,5 +137,6 @@ def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
         lr_milestones=tuple(config.schedule.lr_milestones),
         prune_start=round(s.granet_prune_start_epoch * steps_per_epoch),
         prune_end=round(s.granet_prune_end_epoch * steps_per_epoch),
+        lr_over_whole_budget=t.schedule == "tail",
         budget=f"schedule.epochs={config.schedule.epochs}",
     )
