@@ -68,7 +68,11 @@ SCHEDULES: dict[str, list[str]] = {
 # leave phase 1), with and without P in the average.
 SCHEDULES.update(
     {
-        "cycles15": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.15", "--tickets.reexplore_fraction=0.5"],
+        "cycles15": [
+            "--tickets.num_cycles=3",
+            "--tickets.cycles_fraction=0.15",
+            "--tickets.reexplore_fraction=0.5",
+        ],
         "cycles15-noreexp": [
             "--tickets.num_cycles=3",
             "--tickets.cycles_fraction=0.15",
@@ -85,7 +89,7 @@ SCHEDULES.update(
     }
 )
 SCHEDULE_TEXT = {
-    "cycles15": "the embedded default's split before this study: 3 cycles in 15% of the budget, re-exploration 0.5",
+    "cycles15": "the default's split before this study: 3 cycles in 15% of the budget, re-exploration 0.5",
     "cycles15-noreexp": "3 cycles in 15% of the budget, no re-exploration",
     "tail15": "tail: 3 tickets at equal steps through the base schedule's last 15%, P included",
     "tail30": "tail: 3 tickets at equal steps through the base schedule's last 30%, P included",

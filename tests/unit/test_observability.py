@@ -278,3 +278,36 @@ def test_inspect_safetensors_export(tmp_path):
     path.write_bytes(path.read_bytes()[:-40])  # truncated
     d = describe(path)
     assert d["problems"] and str(path) in d["problems"][0]
+
+
+# --- the report says whether the superposition helped ---------------------------------------
+@pytest.mark.parametrize(
+    ("accuracies", "expected"),
+    [
+        (
+            {"P": 0.50, "T_1": 0.52, "T_2": 0.51, "S_2": 0.53},
+            "+3.00 points against P and +1.00 against the best ticket T_1: the superposition helped; "
+            "one accuracy on 2000 test images has a standard error of 1.12",
+        ),
+        ({"P": 0.50, "T_1": 0.52, "T_2": 0.51, "S_2": 0.515}, "lost accuracy against the best ticket T_1"),
+        ({"P": 0.55, "T_1": 0.52, "T_2": 0.51, "S_2": 0.53}, "lost accuracy against P"),
+    ],
+)
+def test_report_says_whether_the_superposition_helped(tmp_path, accuracies, expected) -> None:
+    from sparse_sup.report.data import load_run
+    from sparse_sup.report.report import checks
+
+    records = [
+        {
+            "event": "eval",
+            "label": label,
+            "accuracy": acc,
+            "loss": 1.0,
+            "count": 2000,
+            "step": 1,
+            "density": 0.1,
+        }
+        for label, acc in accuracies.items()
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert any(expected in note for note in checks(load_run(tmp_path)))
