@@ -264,13 +264,12 @@ def aggregate(tier_name: str, tier: Tier, specs: list[RunSpec], command_line: st
     """The RESULTS.md body (without the kept notes) from the runs that finished."""
     loaded = {s: _load(s) for s in specs}
     lines = [
-        "# Results: does S_M beat the base method at the same budget?",
+        f"## Tier `{tier_name}`: {tier.description}",
         "",
-        f"Tier: **{tier.description}**. Written by `bench/reproduce.py` from the runs' `summary.json` "
+        "Written by `bench/reproduce.py` from the runs' `summary.json` "
         f"files on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "
         f"{platform.machine()} {os.cpu_count()} cores ({_cpu_name()}), load average "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} when written. Regenerate: `{command_line}`.",
-        "Full CPU tier (~1 h on 2 quiet cores): `python bench/reproduce.py --tier cpu --jobs 2`.",
         "",
         "Accuracy on the test split in %, mean ± sample std over seeds (no ± with one seed). "
         "S_M = the superposed final model; base = the same method for the whole budget "
@@ -325,11 +324,11 @@ def aggregate(tier_name: str, tier: Tier, specs: list[RunSpec], command_line: st
     lines += [f"- `{k}`: {SCHEDULE_TEXT[k]} (`{' '.join(SCHEDULES[k])}`)" for k in tier.schedules]
     lines += [
         "",
-        "## What the runs say (computed)",
+        "### What the runs say (computed)",
         "",
         *(verdicts or ["- no Sup-tickets run with its base run yet"]),
     ]
-    lines += ["", "## Commands of every run", ""]
+    lines += ["", "### Commands of every run", ""]
     for s in specs:
         state = "done" if loaded[s] is not None else "not finished"
         lines.append(f"- `{s.name}` ({state}): `OMP_NUM_THREADS=1 {shlex.join(s.command(tier))}`")
@@ -347,15 +346,21 @@ def _cpu_name() -> str:
 
 
 NOTES = re.compile(r"<!-- NOTES -->.*?<!-- /NOTES -->", re.S)
+TIER_BLOCK = re.compile(r"<!-- TIER:(\S+) -->\n(.*?)<!-- /TIER:\1 -->", re.S)
+TITLE = "# Results: does S_M beat the base method at the same budget?"
 
 
-def write_doc(path: Path, body: str) -> None:
-    """Write ``body``; keep the hand-written block between the NOTES markers of the old file."""
+def write_doc(path: Path, tier_name: str, body: str) -> None:
+    """Write ``body`` as the block of ``tier_name``; keep the other tiers' blocks and the
+    hand-written block between the NOTES markers of the old file."""
     old = path.read_text() if path.exists() else ""
+    blocks = dict(TIER_BLOCK.findall(old))
+    blocks[tier_name] = body
     kept = NOTES.search(old)
     notes = kept.group(0) if kept else "<!-- NOTES -->\n<!-- /NOTES -->"
+    tiers = "".join(f"<!-- TIER:{name} -->\n{text}<!-- /TIER:{name} -->\n\n" for name, text in blocks.items())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body + "\n## Notes\n\n" + notes + "\n")
+    path.write_text(f"{TITLE}\n\n{tiers}## Notes\n\n{notes}\n")
 
 
 def main() -> None:
@@ -385,7 +390,7 @@ def main() -> None:
     cmd = f"python bench/reproduce.py --tier {tier_name} --jobs {args.jobs}"
     if args.out:
         cmd += f" --out {args.out}"
-    write_doc(args.doc, aggregate(tier_name, tier, specs, cmd))
+    write_doc(args.doc, tier_name, aggregate(tier_name, tier, specs, cmd))
     print(f"wrote {args.doc}")
 
 

@@ -132,10 +132,15 @@ def test_reproduce_aggregation_pairs_seeds_and_keeps_notes(tmp_path):
     assert "| +2.00 ± 1.41 | 120 |" in body
     assert "S_M beats the base run" in body
     doc = tmp_path / "RESULTS.md"
-    doc.write_text("old\n<!-- NOTES -->\nhand-written\n<!-- /NOTES -->\n")
-    reproduce.write_doc(doc, body)
+    other = "<!-- TIER:cpu -->\nthe cpu tier's table\n<!-- /TIER:cpu -->\n"
+    doc.write_text(
+        f"old\n{other}<!-- TIER:test -->\nstale\n<!-- /TIER:test -->\n"
+        "<!-- NOTES -->\nhand-written\n<!-- /NOTES -->\n"
+    )
+    reproduce.write_doc(doc, "test", body)
     text = doc.read_text()
     assert text.startswith("# Results") and "hand-written" in text and "old" not in text
+    assert other in text and "stale" not in text and body in text  # other tiers kept, this one replaced
 
 
 def test_resnet32_cifar_is_the_benchmark_model():
