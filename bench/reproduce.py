@@ -371,6 +371,9 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument(
+        "--schedules", default=None, help="comma-separated subset of the tier's schedules to run first"
+    )
     ap.add_argument("--aggregate-only", action="store_true", help="write the doc from finished runs")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = ap.parse_args()
@@ -383,9 +386,16 @@ def main() -> None:
             print(shlex.join(s.command(tier)))
         return
     if not args.aggregate_only:
-        print(f"{len(specs)} runs, {args.jobs} at a time, into {out}", flush=True)
+        chosen = args.schedules.split(",") if args.schedules else tier.schedules
+        unknown = sorted(set(chosen) - set(tier.schedules))
+        if unknown:
+            ap.error(
+                f"--schedules {','.join(unknown)}: not in tier {tier_name} ({', '.join(tier.schedules)})"
+            )
+        todo = [s for s in specs if s.schedule in chosen]
+        print(f"{len(todo)} runs, {args.jobs} at a time, into {out}", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for status in pool.map(lambda s: execute(s, tier, args.threads), specs):
+            for status in pool.map(lambda s: execute(s, tier, args.threads), todo):
                 print(status, flush=True)
     cmd = f"python bench/reproduce.py --tier {tier_name} --jobs {args.jobs}"
     if args.out:
