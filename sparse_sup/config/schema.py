@@ -71,9 +71,35 @@ class DataConfig:
     std: list[float] | None = None
     max_train_samples: int | None = None  # use only the first N (smoke tests, debugging)
     max_eval_samples: int | None = None
+    # timm augmentation, every draw keyed by (seed, epoch, index) or, for mixup, (seed, step)
+    auto_augment: str | None = None  # timm policy string, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength (unused with auto_augment)
+    re_prob: float = 0.0  # random erasing probability (timm RandomErasing, per-pixel noise)
+    crop_pct: float | None = None  # eval centre-crop fraction (imagenet style); null: timm's 0.875
+    mixup: float = 0.0  # mixup alpha (0: off); soft targets with timm SoftTargetCrossEntropy
+    cutmix: float = 0.0  # cutmix alpha (0: off); with both on, timm switches with probability 0.5
+    pin_memory: bool = True  # training batches pinned (GPU only) and copied non_blocking
 
     def __post_init__(self) -> None:
         _choice("data.style", self.style, ("cifar", "imagenet"))
+        _check(self.color_jitter >= 0, "data.color_jitter", self.color_jitter, "a number >= 0")
+        _check(0 <= self.re_prob <= 1, "data.re_prob", self.re_prob, "a probability in [0, 1]")
+        _check(
+            self.crop_pct is None or 0 < self.crop_pct <= 1,
+            "data.crop_pct",
+            self.crop_pct,
+            "null or in (0, 1]",
+        )
+        for key in ("mixup", "cutmix"):
+            _check(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), "an alpha >= 0 (0: off)")
+        if self.auto_augment is not None:  # the whole string is parsed by timm in data/ (prepare)
+            _check(
+                self.auto_augment.split("-")[0]
+                in ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a"),
+                "data.auto_augment",
+                self.auto_augment,
+                "a timm policy string such as rand-m9-mstd0.5-inc1, augmix-m5-w3, original, v0, 3a",
+            )
         _check(self.image_size > 0, "data.image_size", self.image_size, "a positive integer")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         _check(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive integer")

@@ -9,6 +9,7 @@ from .datasets import (
     make_loader,
 )
 from .keys import hash32, mix32, recalibration_epoch, sample_key, sample_keys
+from .pipeline import KeyedMixup, TrainInput
 from .sampler import EvalShardSampler, GlobalBatchSampler
 from .transforms import (
     CIFAR10_MEAN,
@@ -18,12 +19,14 @@ from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     NORMALIZATION,
-    ImageNetTransform,
+    KeyedErasing,
     Normalize,
+    TimmTransform,
     crop_flip,
     crop_flip_batch,
     crop_flip_params,
     dataset_normalization,
+    keyed_rng,
 )
 
 __all__ = [
@@ -37,9 +40,12 @@ __all__ = [
     "EvalShardSampler",
     "GlobalBatchSampler",
     "ImageClassificationDataset",
-    "ImageNetTransform",
+    "KeyedErasing",
+    "TimmTransform",
     "NORMALIZATION",
     "InMemoryLoader",
+    "KeyedMixup",
+    "TrainInput",
     "Normalize",
     "SplitDatasets",
     "crop_flip",
@@ -47,6 +53,7 @@ __all__ = [
     "crop_flip_params",
     "dataset_normalization",
     "hash32",
+    "keyed_rng",
     "load_split_datasets",
     "make_loader",
     "mix32",

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..config.errors import ConfigError
 from .keys import sample_key, sample_keys
-from .transforms import CIFAR10_MEAN, CIFAR10_STD, ImageNetTransform, Normalize, crop_flip, crop_flip_batch
+from .transforms import CIFAR10_MEAN, CIFAR10_STD, KeyedErasing, Normalize, TimmTransform, crop_flip_batch
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,14 @@ def _pil_to_uint8(image: Image.Image) -> torch.Tensor:
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by ``(epoch, index)``; returns ``(float32 [3,H,W], label)``.
 
+    Two halves, so the same numbers come out on the host or on the device: ``raw_batch`` (host,
+    workers: decode + timm's per-sample PIL transforms, uint8) and ``finish`` (any device: CIFAR's
+    padded crop + flip, normalisation, random erasing). Every draw comes from the sample key.
+
     ``style='cifar'``: pad-crop + flip on uint8 tensors (images resized to ``image_size`` if they
-    differ); with ``image_size <= 64`` all images are decoded once into memory and ``get_batch``
-    is the fast path. ``style='imagenet'``: lazy decoding with torchvision transforms.
+    differ); with ``image_size <= 64`` all images are decoded once into memory and ``raw_batch``
+    is one gather (the fast path; a timm policy, ``auto_augment`` / ``color_jitter``, then runs per
+    sample on PIL images). ``style='imagenet'``: lazy decoding with ``timm.data.create_transform``.
     """
 
     def __init__(
@@ -230,6 +235,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         padding: int = 4,
+        auto_augment: str | None = None,
+        color_jitter: float = 0.0,
+        re_prob: float = 0.0,
+        crop_pct: float | None = None,
     ) -> None:
         if style not in ("cifar", "imagenet"):
             raise ValueError(f"style must be 'cifar' or 'imagenet', got {style!r}")
@@ -239,7 +248,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self.image_size, self.padding = image_size, padding
         self.labels = torch.from_numpy(_label_array(hf_dataset, label_column))
         self.normalize = Normalize(mean, std)
-        self.imagenet = ImageNetTransform(train, image_size, mean, std) if style == "imagenet" else None
+        self.pil_transform = TimmTransform(
+            train, image_size, style, auto_augment=auto_augment, color_jitter=color_jitter, crop_pct=crop_pct
+        )
+        self.erase = KeyedErasing(re_prob) if re_prob > 0 else None
         self.in_memory = style == "cifar" and image_size <= 64
         self.images: torch.Tensor | None = self._decode_all() if self.in_memory else None
 
@@ -257,30 +269,71 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
+    # ---- host half: uint8 -------------------------------------------------------------------
+    def raw(self, key: Key) -> torch.Tensor:
+        """uint8 [3,H,W] of one sample after decoding and the per-sample PIL transforms."""
         epoch, index = key
-        label = int(self.labels[index])
         if self.style == "imagenet":
             image = _to_rgb(self.images_hf[index][self.image_column])
-            return self.imagenet(image, sample_key(self.seed, epoch, index)), label
+            return self.pil_transform(image, sample_key(self.seed, epoch, index))
         if self.images is not None:
             image = self.images[index]
         else:
             image = _pil_to_uint8(_to_rgb(self.images_hf[index][self.image_column], self.image_size))
-        if self.train:
-            image = crop_flip(image, sample_key(self.seed, epoch, index), self.padding)
-        return self.normalize(image), label
+        if self.pil_transform.transform is None:
+            return image
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        return self.pil_transform(pil, sample_key(self.seed, epoch, index))
+
+    def raw_batch(self, keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(uint8 images [B,3,H,W], int64 labels [B], int64 sample keys [B]): what crosses to the
+        device. The in-memory fast path is one gather."""
+        epochs, indices = torch.tensor(keys, dtype=torch.int64).reshape(-1, 2).unbind(1)
+        skeys = sample_keys(self.seed, epochs, indices)
+        if self.images is not None and self.pil_transform.transform is None:
+            images = self.images[indices]
+        else:
+            images = torch.stack([self.raw(k) for k in keys])
+        return images, self.labels[indices], skeys
+
+    # ---- device half: float -----------------------------------------------------------------
+    def finish(self, images: torch.Tensor, skeys: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] (host or device) -> normalised float32: CIFAR crop + flip, normalise,
+        random erasing, each drawn from the sample keys ``skeys`` [B]."""
+        if self.train and self.style == "cifar":
+            images = crop_flip_batch(images, skeys, self.padding)
+        images = self.normalize(images)
+        if self.train and self.erase is not None:
+            images = self.erase(images, skeys)
+        return images
+
+    # ---- both: the float API (evaluation, BN recalibration, tests) ------------------------------
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
+        images, labels, skeys = self.raw_batch([key])
+        return self.finish(images, skeys)[0], int(labels[0])
 
     def get_batch(self, keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images float32 [B,3,H,W] and labels int64 [B] for a list of keys."""
-        if self.images is None:
-            items = [self[k] for k in keys]
-            return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
-        epochs, indices = torch.tensor(keys, dtype=torch.int64).reshape(-1, 2).unbind(1)
-        images = self.images[indices]
-        if self.train:
-            images = crop_flip_batch(images, sample_keys(self.seed, epochs, indices), self.padding)
-        return self.normalize(images), self.labels[indices]
+        images, labels, skeys = self.raw_batch(keys)
+        return self.finish(images, skeys), labels
+
+
+class RawView(torch.utils.data.Dataset):
+    """A dataset's host half for DataLoader workers: ``key -> (uint8 [3,H,W], label, sample key)``."""
+
+    def __init__(self, dataset: ImageClassificationDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key
+        return (
+            self.dataset.raw(key),
+            int(self.dataset.labels[index]),
+            sample_key(self.dataset.seed, epoch, index),
+        )
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -6,12 +6,18 @@ world size, worker count or batch it lands in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
+
+from ..config.errors import ConfigError
+from .keys import mix32
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -60,7 +66,7 @@ def crop_flip_batch(images: torch.Tensor, keys: torch.Tensor, padding: int = 4) 
     """Batched ``crop_flip`` of uint8 [B,C,H,W] with int64 keys [B], as one gather."""
     b, c, h, w = images.shape
     n = 2 * padding + 1
-    keys = keys.to(images.device)  # images may live on the GPU (data kept on the device)
+    keys = keys.to(images.device, non_blocking=True)  # images may live on the GPU; keys pinned
     top, left, flip = keys % n, (keys // n) % n, (keys // (n * n)) % 2 == 1
     rows = top[:, None] + torch.arange(h, device=images.device)  # [B,H] rows of the padded image
     cols = torch.arange(w, device=images.device)
@@ -83,25 +89,122 @@ class Normalize:
         return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
 
 
-class ImageNetTransform:
-    """RandomResizedCrop+flip (train) or Resize(size/0.875)+CenterCrop (eval) on PIL images.
+@contextlib.contextmanager
+def keyed_rng(key: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed Python's ``random``, NumPy's global RNG and torch's CPU generator (and ``device``'s, if
+    it is an accelerator) with ``key``; restore all of them afterwards. timm's transforms draw from
+    all three, so a transform called inside is a pure function of the key."""
+    key &= 0xFFFFFFFF
+    py, np_state = random.getstate(), np.random.get_state()
+    accel = device is not None and device.type != "cpu"
+    module = torch.get_device_module(device.type) if accel else None
+    index = (device.index if device.index is not None else module.current_device()) if accel else None
+    with torch.random.fork_rng(devices=[index] if accel else [], device_type=device.type if accel else None):
+        random.seed(key)
+        np.random.seed(key)
+        torch.default_generator.manual_seed(key)
+        if accel:
+            module.default_generators[index].manual_seed(key)  # no host sync: seed and offset only
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
-    torchvision draws from the global CPU generator, so each call runs inside ``fork_rng`` with the
-    generator seeded by the sample key; the caller's RNG state is restored afterwards.
-    """
 
-    def __init__(self, train: bool, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+def _policy(auto_augment: str | None, color_jitter: float) -> dict:
+    return {
+        "auto_augment": auto_augment,
+        "color_jitter": color_jitter or None,  # timm's ColorJitter(0, 0, 0) would still draw
+    }
+
+
+def _posterize_zero_bits_is_black(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize with Pillow >= 11: ``ImageOps.posterize(img, 0)`` now raises, where it used
+    to keep no bit (a black image). timm's ``PosterizeIncreasing`` reaches 0 bits at magnitude 10,
+    which ``rand-m9-mstd0.5`` draws; keep the old meaning instead of crashing a worker."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _TIMM_POSTERIZE(img, bits_to_keep, **kwargs)
+
+
+_TIMM_POSTERIZE = None
+
+
+def _build(**kwargs):
+    global _TIMM_POSTERIZE
+    import timm.data
+    from timm.data import auto_augment as aa
+
+    if _TIMM_POSTERIZE is None:  # once: every posterize op of timm's policies
+        _TIMM_POSTERIZE = aa.posterize
+        for name, fn in list(aa.NAME_TO_OP.items()):
+            if fn is aa.posterize:
+                aa.NAME_TO_OP[name] = _posterize_zero_bits_is_black
+    try:
+        return timm.data.create_transform(**kwargs)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ConfigError(
+            f"data.auto_augment={kwargs.get('auto_augment')!r} is not a timm policy: {err!r}"
+        ) from None
+
+
+class TimmTransform:
+    """``timm.data.create_transform`` in prefetcher form: PIL -> uint8 [3,H,W]; normalisation and
+    random erasing follow on the device (``KeyedErasing``). Training draws run inside
+    ``keyed_rng(key)``. ``imagenet`` style: RandomResizedCrop + flip + policy (train) or
+    Resize(size/crop_pct) + CenterCrop (eval); ``cifar`` style: only the policy part (auto-augment,
+    colour jitter) here, the padded crop and flip happen batched (``crop_flip_batch``)."""
+
+    def __init__(
+        self,
+        train: bool,
+        size: int,
+        style: str = "imagenet",
+        auto_augment: str | None = None,
+        color_jitter: float = 0.0,
+        crop_pct: float | None = None,
+        interpolation: str = "bilinear",
+    ) -> None:
         self.train = train
-        geometry = (
-            [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
-            if train
-            else [T.Resize(int(size / 0.875)), T.CenterCrop(size)]
-        )
-        self.transform = T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
+        common = dict(input_size=size, interpolation=interpolation, use_prefetcher=True)
+        if style == "imagenet":
+            extra = _policy(auto_augment, color_jitter) if train else {"crop_pct": crop_pct}
+            self.transform = _build(is_training=train, **common, **extra)
+        elif train and (auto_augment or color_jitter):
+            _, secondary, final = _build(
+                is_training=True, separate=True, **common, **_policy(auto_augment, color_jitter)
+            )
+            self.transform = T.Compose([*secondary.transforms, *final.transforms])
+        else:
+            self.transform = None  # cifar without a policy: nothing per sample
 
     def __call__(self, image: Image.Image, key: int) -> torch.Tensor:
         if not self.train:
             return self.transform(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(key)
+        with keyed_rng(key):
             return self.transform(image)
+
+
+class KeyedErasing:
+    """timm ``RandomErasing`` (per-pixel noise, one box) on a normalised float batch, each sample
+    drawn from its own key (inside ``keyed_rng``), on whatever device the batch lives."""
+
+    def __init__(self, probability: float, mode: str = "pixel") -> None:
+        self.probability, self.mode = probability, mode
+        self._by_device: dict[torch.device, object] = {}
+
+    def __call__(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        from timm.data.random_erasing import RandomErasing
+
+        device = images.device
+        if device not in self._by_device:
+            self._by_device[device] = RandomErasing(self.probability, mode=self.mode, device=device)
+        erase = self._by_device[device]
+        for image, key in zip(images, keys.tolist(), strict=True):
+            with keyed_rng(mix32(key, _ERASE_SALT), device):
+                erase(image)  # in place on the [C,H,W] view
+        return images
+
+
+_ERASE_SALT = 0x45524153  # "ERAS": erasing draws differ from the transform's, same sample key

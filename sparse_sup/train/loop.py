@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
@@ -20,7 +19,7 @@ from ..checkpoint.run_state import load_run_checkpoint, save_run_checkpoint
 from ..checkpoint.state_pieces import parameter_layouts, read_state, split_state
 from ..checkpoint.tickets import save_model_checkpoint
 from ..config import config_to_dict
-from ..data import GlobalBatchSampler, make_loader
+from ..data import GlobalBatchSampler
 from ..engine import EngineHooks, SupTicketsEngine
 from ..progress import progress_enabled
 from ..results import final_label, run_summary
@@ -266,7 +265,7 @@ class Run:
             accum,
             c.experiment.seed,
         )
-        loader = make_loader(self.p.train_set, sampler, c.data.num_workers)
+        loader = self.p.train_input.loader(sampler, c.data.num_workers)  # uint8 batches, pinned
         last_step = min(plan.total_steps, c.train.max_steps or plan.total_steps)
         bar = tqdm(
             total=last_step,
@@ -338,16 +337,17 @@ class Run:
     def _optimizer_step(self, micro, accum: int) -> float | None:
         """One real optimizer step over ``accum`` micro-batches, for every engine: the backend says
         how gradients synchronise and where the step happens; None if the step was skipped."""
-        backend, smoothing = self.backend, self.config.optim.label_smoothing
+        backend, data = self.backend, self.p.train_input
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         inject = self.engine.step + self.skipped in self.config.train.nonfinite_steps
         for a in range(accum):
-            images, labels = next(micro)
-            images, labels = images.to(self.device, backend.input_dtype), labels.to(self.device)
+            # on the device: crop/flip, normalise, erase, mixup (keyed by the data position)
+            position = self.engine.step + self.skipped
+            images, labels = data.to_device(next(micro), self.device, backend.input_dtype, position)
             with backend.gradient_sync(a == accum - 1):
                 with self.autocast():
                     logits = backend.model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+                loss = data.loss(logits, labels)
                 if inject:  # fault injection (tests): every gradient of this step becomes inf
                     loss = loss * float("inf")
                 backend.backward(loss, accum)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, StepPlan, resolve_plan
-from ..data import ImageClassificationDataset, dataset_normalization, load_split_datasets
+from ..data import ImageClassificationDataset, TrainInput, dataset_normalization, load_split_datasets
 from ..models import build_model, select_targets
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class Prepared:
     class_names: list[str]
     deepspeed_config: dict | None = None  # filled JSON when launched by the deepspeed launcher
     resume_from: Path | None = None  # run checkpoint to continue from (--resume)
+    train_input: TrainInput | None = None  # uint8 host batches, device-side finish/mixup/loss
 
 
 def default_run_dir(config: Config) -> Path:
@@ -102,7 +103,13 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
         which, mean, std = dataset_normalization(d.source, d.style)
         log.info("normalisation of %s: mean %s, std %s (set data.mean/data.std to change)", which, mean, std)
     common = dict(seed=config.experiment.seed, style=d.style, image_size=d.image_size, mean=mean, std=std)
+    common.update(
+        auto_augment=d.auto_augment, color_jitter=d.color_jitter, re_prob=d.re_prob, crop_pct=d.crop_pct
+    )
     train_set = ImageClassificationDataset(train_hf, train=True, **common)
+    train_input = TrainInput(
+        train_set, num_classes, config.optim.label_smoothing, d.mixup, d.cutmix, pin_memory=d.pin_memory
+    )
     eval_set = ImageClassificationDataset(eval_hf, train=False, **common)
     # BN statistics must match what the layers saw in training: by default recalibration draws its
     # batches through the training transform (with keys of its own, see recalibration_batches)
@@ -125,4 +132,5 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
         run_dir,
         splits.class_names,
         resume_from=resume_from,
+        train_input=train_input,
     )

@@ -21,6 +21,8 @@ from sparse_sup.data import (
     EvalShardSampler,
     GlobalBatchSampler,
     ImageClassificationDataset,
+    KeyedMixup,
+    TrainInput,
     crop_flip_params,
     hash32,
     load_split_datasets,
@@ -286,3 +288,86 @@ def test_worker_loader_matches_main_process(small_train):
     keys = list(sampler)
     assert all(torch.equal(x, ds.get_batch(k)[0]) for x, k in zip(xs, keys, strict=True))
     assert torch.cat(ys).tolist() == ds.labels[[i for k in keys for _, i in k]].tolist()
+
+
+# ----------------------------------------------------------------------------- timm pipeline
+
+
+def _global_batches(ds, world, accum, workers, steps, mixup, batch=8, seed=5):
+    """The device-side (here: CPU) training input of ``steps`` optimizer steps, each rank's
+    micro-batches put back in global order (rank r, micro-batch a is slice r*A + a)."""
+    inp = TrainInput(ds, num_classes=10, label_smoothing=0.1, mixup=mixup, cutmix=mixup)
+    per_rank = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(len(ds), batch, world, rank, accum, seed)
+        sampler.set_epoch(1)
+        loader = iter(inp.loader(sampler, workers))
+        per_rank.append(
+            [
+                [inp.to_device(next(loader), torch.device("cpu"), torch.float32, s) for _ in range(accum)]
+                for s in range(steps)
+            ]
+        )
+    out = []
+    for s in range(steps):
+        parts = [per_rank[r][s][a] for r in range(world) for a in range(accum)]
+        out.append((torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])))
+    return out
+
+
+@pytest.mark.parametrize("style", ["imagenet", "cifar"])
+def test_randaugment_erasing_mixup_independent_of_world_size_and_workers(small_train, style):
+    """RandAugment + colour jitter + random erasing + mixup/cutmix: the same global batches at
+    world size 1 (no workers) and world size 2 x accumulation 2 (2 workers per rank)."""
+    aug = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, train=True, seed=5)
+    ds = ImageClassificationDataset(small_train.select(range(32)), style=style, image_size=32, **aug)
+    assert ds.in_memory == (style == "cifar")
+    state = (torch.get_rng_state(), np.random.get_state()[1].copy())
+    ref = _global_batches(ds, world=1, accum=1, workers=0, steps=3, mixup=0.8)
+    assert torch.equal(torch.get_rng_state(), state[0]) and np.array_equal(np.random.get_state()[1], state[1])
+    got = _global_batches(ds, world=2, accum=2, workers=2 if style == "imagenet" else 0, steps=3, mixup=0.8)
+    for (x1, y1), (x2, y2) in zip(ref, got, strict=True):
+        assert x1.shape == (8, 3, 32, 32) and y1.shape == (8, 10)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # the draws are real: soft targets are mixed (two classes + smoothing), some pixel is erased
+    # noise (|z| beyond any normalised 8-bit value) and the augmentation differs from the plain one
+    assert any((y > 0.02).sum(1).max() >= 2 for _, y in ref)
+    assert any(x.abs().amax() > 2.8 for x, _ in ref) or style == "cifar"
+    plain = ImageClassificationDataset(
+        small_train.select(range(32)), style=style, image_size=32, train=True, seed=5
+    )
+    assert not torch.equal(_global_batches(plain, 1, 1, 0, 1, mixup=0.0)[0][0], ref[0][0])
+
+
+def test_device_finish_equals_host_float_path(small_train):
+    """The uint8 host batch finished on the "device" (crop/flip, normalise) is bit-identical to the
+    float API (evaluation, BN recalibration), and the mixup pairs are fixed positions 2k, 2k+1."""
+    ds = ImageClassificationDataset(small_train, train=True, seed=3, re_prob=0.25)
+    keys = [(2, i) for i in range(0, 64, 4)]
+    images, labels, skeys = ds.raw_batch(keys)
+    assert images.dtype == torch.uint8 and skeys.tolist() == [sample_key(3, e, i) for e, i in keys]
+    x, y = TrainInput(ds, 10).to_device((images, labels, skeys), torch.device("cpu"), torch.float32, 0)
+    assert torch.equal(x, ds.get_batch(keys)[0]) and torch.equal(y, labels)
+    mix = KeyedMixup(mixup=1.0, cutmix=0.0, num_classes=10, label_smoothing=0.0, seed=3)
+    xm, ym = mix(x.clone(), labels, step=7)
+    k = next(k for k in range(0, len(keys), 2) if labels[k] != labels[k + 1])  # a pair of two classes
+    lam = ym[k, labels[k]].item()
+    assert 0 < lam < 1 and ym[k + 1, labels[k + 1]].item() == pytest.approx(lam)
+    assert torch.allclose(xm[k], lam * x[k] + (1 - lam) * x[k + 1], atol=1e-5)
+    assert torch.allclose(xm[k + 1], lam * x[k + 1] + (1 - lam) * x[k], atol=1e-5)
+    assert torch.equal(mix(x.clone(), labels, step=7)[0], xm)
+    assert not torch.equal(mix(x.clone(), labels, step=8)[0], xm)
+
+
+def test_timm_policy_posterize_to_zero_bits_does_not_crash():
+    """rand-m9-mstd0.5 reaches PosterizeIncreasing at magnitude 10 (0 bits), which Pillow >= 11
+    refuses; the policy built through TimmTransform keeps the old meaning (a black image)."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    from sparse_sup.data import TimmTransform
+
+    TimmTransform(True, 32, "imagenet", auto_augment="rand-m9-mstd0.5-inc1")
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)).max() == 0
+    assert np.asarray(AugmentOp("Posterize", prob=1.0, magnitude=10)(image)).max() == 192  # 4 bits kept
