@@ -132,9 +132,20 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     label_smoothing: float = 0.0
     max_grad_norm: float | None = None
+    # name: any timm.optim.create_optimizer_v2 name (sgd follows nesterov; adamw, lamb, lars, ...)
+    layer_decay: float | None = None  # layer-wise LR decay (timm param groups); null: off
+    fused: bool | None = None  # null: fused kernels for SGD/Adam/AdamW on CUDA, foreach elsewhere
 
     def __post_init__(self) -> None:
-        _choice("optim.name", self.name, ("sgd", "adamw"))
+        _check(
+            isinstance(self.name, str) and bool(self.name), "optim.name", self.name, "a timm optimizer name"
+        )
+        _check(
+            self.layer_decay is None or 0 < self.layer_decay <= 1,
+            "optim.layer_decay",
+            self.layer_decay,
+            "null or in (0, 1]",
+        )
         _check(self.lr > 0, "optim.lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
         _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", self.label_smoothing, "in [0, 1)")

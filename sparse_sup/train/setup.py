@@ -13,6 +13,7 @@ import torch
 from ..config import Config, ConfigError, StepPlan, resolve_plan
 from ..data import ImageClassificationDataset, TrainInput, dataset_normalization, load_split_datasets
 from ..models import build_model, select_targets
+from .optim import check_optimizer_name
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
     else:
         run_dir = default_run_dir(config)
         check_run_dir(run_dir, config.experiment.overwrite)
+    check_optimizer_name(config.optim)  # timm's registry, before anything is written
     d = config.data
     splits = load_split_datasets(d.source, d.image_column, d.label_column, d.train_split, d.eval_split)
     train_hf, eval_hf = splits.train, splits.eval
