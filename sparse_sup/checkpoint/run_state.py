@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .files import _atomic_write_bytes, _fsync_dir, atomic_torch_save, load_verified, owner_tag, remove_stale
 from .sharded import CheckpointError, save_sharded
+from .state_pieces import rank_file
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def save_run_checkpoint(
     backend.save_training_state(tmp / "engine")
     if pieces is not None:
         save_sharded(tmp / SHARDED_STATE, pieces, {"step": step})
-    atomic_torch_save(sparse_state, tmp / "sparse_sup" / f"rank{rank:05d}.pt")
+    atomic_torch_save(sparse_state, tmp / "sparse_sup" / rank_file(rank))
     _barrier()
     if rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -220,5 +221,5 @@ def load_run_checkpoint(path: Path, backend) -> tuple[dict, Path | None]:
         raise CheckpointError(f"checkpoint {path} {problem}")
     backend.load_training_state(Path(path) / "engine")
     source = rank if manifest["world_size"] == world else 0
-    state = load_verified(Path(path) / "sparse_sup" / f"rank{source:05d}.pt")
+    state = load_verified(Path(path) / "sparse_sup" / rank_file(source))
     return state, Path(path) / SHARDED_STATE if manifest.get("sharded_state") else None

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 PIECE = "sharded_piece"  # placeholder {PIECE: path} left where a piece was taken out (plain data)
 
 
+def rank_file(rank: int) -> str:
+    """The name of rank ``rank``'s file of the per-rank rest (run checkpoints, Trainer checkpoints)."""
+    return f"rank{rank:05d}.pt"
+
+
 def _placeholder(value: object) -> str | None:
     return value.get(PIECE) if isinstance(value, Mapping) and len(value) == 1 else None
 

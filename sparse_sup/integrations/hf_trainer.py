@@ -13,9 +13,11 @@ there by the backend's ``attach`` (torch optimizers: step hooks; DeepSpeed: its 
   Trainer step to ``state.max_steps``, so a run with skips still ends with S_M;
 - the LR is the user's scheduler (built over phase 1) and the triangle in the cycles, written into each
   parameter group at its ratio to group 0 in the real step: what the Trainer logs as ``learning_rate``;
-- engine state (masks, counters, superposition chain) is saved per rank into every Trainer checkpoint
-  (``checkpoint-N/sparse_sup/rank{r}.pt``, before the Trainer's files) and restored by
-  ``train(resume_from_checkpoint=...)``, which only resumes from a folder holding both parts.
+- engine state (masks, counters, superposition chain) is saved into every Trainer checkpoint as the
+  CLI's run checkpoints save it (``checkpoint-N/sparse_sup/``: masks and chain sharded with their global
+  layout, each rank's rest in ``rankNNNNN.pt``; before the Trainer's files) and restored by
+  ``train(resume_from_checkpoint=...)``, which only resumes from a folder holding both parts, at any
+  world size the engine's checkpoint allows (one process, DDP, FSDP2; DeepSpeed at its own).
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ..backends import StepOptions, build_backend
 from ..backends.fsdp2 import check_fsdp2_mixed_precision
-from ..checkpoint import atomic_torch_save, load_verified
+from ..checkpoint import atomic_torch_save, load_verified, save_sharded
+from ..checkpoint.run_state import world_size_problem
+from ..checkpoint.sharded import MANIFEST
+from ..checkpoint.state_pieces import parameter_layouts, rank_file, read_state, split_state
 from ..checkpoint.tickets import save_model_checkpoint
 from ..engine import EngineHooks, SupTicketsEngine
 from ..models import select_targets
@@ -43,6 +50,7 @@ from .hf_data import recalibration_batches
 log = logging.getLogger(__name__)
 
 STATE_DIR = "sparse_sup"
+SHARDED = "sharded"  # under STATE_DIR: masks and chain with their global layout (any world size reads)
 TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint folder
 # LR schedulers driven by evaluation metrics, not by the step: no phase-1 LR as a function of the step
 METRIC_DRIVEN_SCHEDULERS = {"reduce_lr_on_plateau", "greedy"}
@@ -233,10 +241,11 @@ class SupTicketsTrainer(Trainer):
             if missing:
                 raise ValueError(
                     f"{resume_from_checkpoint} is incomplete (no {', '.join(missing)}): its save was "
-                    f"interrupted, or it was not written by SupTicketsTrainer with {self.args.world_size} "
-                    "process(es); resume from an earlier checkpoint, or pass resume_from_checkpoint=True "
-                    "for the last complete one"
+                    "interrupted, or it was not written by SupTicketsTrainer; resume from an earlier "
+                    "checkpoint, or pass resume_from_checkpoint=True for the last complete one"
                 )
+        if resume_from_checkpoint:  # before the Trainer loads anything: refuse an impossible world size
+            self._saved_rest(Path(resume_from_checkpoint))
         self._sup_resume = resume_from_checkpoint or None
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         engine = self.sparse_engine
@@ -349,28 +358,52 @@ class SupTicketsTrainer(Trainer):
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
-        """Engine state first (every rank, each file published atomically), then the Trainer's own files,
-        written straight into the folder (transformers 5.x stages nothing) with ``trainer_state.json``
-        last. A crash in between leaves a folder lacking a part, which resuming refuses or skips."""
+        """Sparse state first, as the CLI's run checkpoints hold it (``checkpoint.state_pieces``): masks
+        and chain as sharded tensors with their global layout (``SHARDED``, published atomically once
+        every rank wrote its part), and each rank's rest (counters, results, buffers in the chain) in
+        its own file, written before; then the Trainer's own files, straight into the folder
+        (transformers 5.x stages nothing) with ``trainer_state.json`` last. A crash in between leaves a
+        folder lacking a part, which resuming refuses or skips."""
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        rank = self.args.process_index
-        atomic_torch_save(
-            {
-                "engine": self.sparse_engine.state_dict(),
-                "results": self.sparse_results,
-                "world_size": self.args.world_size,
-            },
-            folder / STATE_DIR / f"rank{rank}.pt",
-        )
-        self.accelerator.wait_for_everyone()  # every rank's state is in before the Trainer's last file
+        backend, directory = self.sparse_backend, folder / STATE_DIR
+        if self.args.process_index == 0 and directory.exists():  # a step saved again (a resumed run)
+            shutil.rmtree(directory)
+        self.accelerator.wait_for_everyone()
+        state = {"engine": self.sparse_engine.state_dict(), "results": self.sparse_results}
+        pieces, rest = split_state(state, parameter_layouts(backend))
+        written = {"world_size": self.args.world_size, "parallelism": backend.kind, "sharded_state": True}
+        atomic_torch_save({"state": rest, **written}, directory / rank_file(self.args.process_index))
+        save_sharded(directory / SHARDED, pieces, {"step": self.sparse_engine.step, **written})  # collective
         super()._save_checkpoint(model, trial)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer reloads ``model.safetensors`` with ``load_state_dict(strict=False)``, but
+        ``save_pretrained`` (transformers 5) writes some models (ViT, ...) under their legacy key names,
+        so those weights were silently not restored. Such a checkpoint is read as ``from_pretrained``
+        reads it (its key conversions), then loaded strictly. DeepSpeed and FSDP load elsewhere."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.model if model is None else model
+        file = Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME
+        if not (isinstance(model, PreTrainedModel) and file.is_file()):
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            saved = set(f.keys())
+        if saved == set(model.state_dict()):
+            return
+        dtype = next(model.parameters()).dtype
+        converted = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype).state_dict()
+        model.load_state_dict(converted, strict=True)
+        log.info("%s: weights saved under legacy names, loaded through from_pretrained", file)
+
     def _missing_parts(self, checkpoint: Path) -> list[str]:
-        """What ``checkpoint`` lacks of a complete save: a rank's sparse state, or the Trainer's state."""
+        """What ``checkpoint`` lacks of a complete save: the sparse state, or the Trainer's state. The
+        sharded part is published after every rank's file was written, so its manifest stands for all."""
         missing = [
-            f"{STATE_DIR}/rank{r}.pt"
-            for r in range(self.args.world_size)
-            if not (checkpoint / STATE_DIR / f"rank{r}.pt").is_file()
+            f"{STATE_DIR}/{part}"
+            for part in (f"{SHARDED}/{MANIFEST}", rank_file(0))
+            if not (checkpoint / STATE_DIR / part).is_file()
         ]
         try:
             json.loads((checkpoint / TRAINER_STATE).read_text())
@@ -394,20 +427,29 @@ class SupTicketsTrainer(Trainer):
             )
         raise ValueError(
             f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir} holds both the Trainer's "
-            f"state and the sparse state of {self.args.world_size} process(es)"
+            "state and the sparse state"
         )
 
+    def _saved_rest(self, checkpoint: Path) -> dict:
+        """This rank's rest of the sparse state: its own file at the world size that wrote it, rank 0's
+        at another (as the CLI's run checkpoints). Refuses a world size the checkpoint cannot resume at
+        (DeepSpeed's engine checkpoint holds each rank's ZeRO partition): ``world_size_problem``."""
+        saved = load_verified(checkpoint / STATE_DIR / rank_file(0))
+        problem = world_size_problem(saved, self.args.world_size)
+        if problem:
+            raise ValueError(f"{checkpoint} {problem}")
+        if saved["world_size"] == self.args.world_size and self.args.process_index != 0:
+            saved = load_verified(checkpoint / STATE_DIR / rank_file(self.args.process_index))
+        return saved["state"]
+
     def _load_sparse_state(self, checkpoint: str) -> None:
-        """This rank's engine state (checked complete in ``train``), into an engine without initial
-        masks: ``init_masks()`` would zero restored weights outside the *initial* masks."""
-        saved = load_verified(Path(checkpoint) / STATE_DIR / f"rank{self.args.process_index}.pt")
-        if saved["world_size"] != self.args.world_size:
-            raise ValueError(
-                f"{checkpoint} was written by {saved['world_size']} processes; resume with the same number "
-                f"(now {self.args.world_size})"
-            )
-        self.sparse_engine.load_state_dict(saved["engine"])
-        self.sparse_results = dict(saved["results"])
+        """The engine state (checked complete in ``train``), into an engine without initial masks
+        (``init_masks()`` would zero restored weights outside the *initial* masks): masks and chain
+        read in this process's placement, whatever world size wrote them."""
+        directory = Path(checkpoint) / STATE_DIR
+        state = read_state(self._saved_rest(Path(checkpoint)), directory / SHARDED, self.sparse_backend)
+        self.sparse_engine.load_state_dict(state["engine"])
+        self.sparse_results = dict(state["results"])
         log.info("resumed Sup-tickets state from %s at step %d", checkpoint, self.sparse_engine.step)
 
     # ---- reporting ----------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_hf_resnet_bn_recalibration_and_resume_mid_cycle(runs, tmp_path):
     bn = [k for k in s_m if k.endswith("num_batches_tracked")]
     assert bn and all(int(s_m[k]) == 192 // 32 for k in bn)  # recalibrated: one pass, 6 batches of 32
     assert all(int(t_2[k]) == 24 * 2 for k in bn)  # T_2: the training forwards (2 micro-batches a step)
-    assert (full["dir"] / "checkpoint-20" / "sparse_sup" / "rank0.pt").exists()
+    assert (full["dir"] / "checkpoint-20" / "sparse_sup" / "rank00000.pt").exists()
 
     stopped = worker.run(model="resnet", save_steps=20, stop_at=20, output_dir=str(tmp_path))
     assert stopped["summary"]["steps_completed"] == 20 and stopped["summary"]["final_is"].startswith(
@@ -205,6 +205,21 @@ def test_hf_resnet_bn_recalibration_and_resume_mid_cycle(runs, tmp_path):
     assert resumed["summary"]["results"]["final"]["accuracy"] == pytest.approx(
         full["summary"]["results"]["final"]["accuracy"]
     )
+
+
+def test_vit_resume_restores_weights_saved_under_legacy_names(runs, tmp_path):
+    """transformers 5 saves a ViT checkpoint under its legacy key names (``vit.encoder.layer.*``) and
+    the Trainer reloads it with ``load_state_dict(strict=False)``: the encoder was silently left at
+    the stopped run's *initial* weights. Resumed at step 16, the run must end as the uninterrupted one
+    (the re-exploration at the cycle start reads gradients, so stale weights change the masks)."""
+    full = runs(model="vit", optim="adamw_torch")
+    worker.run(model="vit", save_steps=16, stop_at=16, output_dir=str(tmp_path))
+    resumed = worker.run(
+        model="vit", save_steps=16, resume=str(tmp_path / "checkpoint-16"), output_dir=str(tmp_path)
+    )
+    assert [s["digests"] for s in resumed["steps"]] == [s["digests"] for s in full["steps"][16:]]
+    for name, value in full["final_state"].items():
+        torch.testing.assert_close(resumed["final_state"][name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_timm_model_wrapped_to_return_a_loss(runs):
@@ -234,6 +249,38 @@ def test_ddp_two_processes_match_one_process(runs, tmp_path):
     assert_masks_equal(ddp["initial_masks"], cli_initial_masks("vit", torch.float64))
     for name, value in one["final_state"].items():
         torch.testing.assert_close(ddp["final_state"][name], value, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_processes_resumes_at_one(runs, tmp_path):
+    """A Trainer checkpoint written by 2 processes (torchrun, DDP over gloo, float64), stopped mid-cycle
+    at step 20 (after P, inside cycle 1: the superposition chain holds S_0), resumes at 1 process with
+    the same global batch (8 x 2 micro-batches) and ends as the uninterrupted one-process run: the same
+    masks after every later step, the same tickets and S_M. Masks are compared exactly; weights to
+    rtol 1e-9 / atol 1e-10 (float64: DDP's all-reduce sums in another order than one process)."""
+    out = tmp_path / "ddp.pt"
+    common = dict(model="vit", dtype="float64", save_steps=20)
+    torchrun(2, **common, per_device_batch=4, stop_at=20, output_dir=str(tmp_path), out=str(out))
+    for name in ("T_2", "S_2"):
+        shutil.rmtree(tmp_path / "tickets" / name, ignore_errors=True)
+    resumed = worker.run(**common, resume=str(tmp_path / "checkpoint-20"), output_dir=str(tmp_path))
+    assert resumed["world_size"] == 1
+    assert (tmp_path / "checkpoint-20" / "sparse_sup" / "rank00001.pt").exists()  # rank 1's rest
+    one = runs(model="vit", dtype="float64")
+    assert [s["digests"] for s in resumed["steps"]] == [s["digests"] for s in one["steps"][20:]]
+    assert_masks_equal(resumed["final_masks"], one["final_masks"])
+    for name, value in one["final_state"].items():
+        torch.testing.assert_close(resumed["final_state"][name], value, rtol=1e-9, atol=1e-10, msg=name)
+    for name in ("T_2", "S_2"):
+        a, b = load_snapshot(tmp_path / "tickets" / name), load_snapshot(one["dir"] / "tickets" / name)
+        assert_masks_equal(a["masks"], b["masks"])
+        for k in b["model"]:
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-9, atol=1e-10, msg=k)
+    s = resumed["summary"]
+    assert list(s["results"]) == LABELS and s["final_is"] == "S_2"  # P and T_1 restored from the checkpoint
+    assert s["results"]["final"]["loss"] == pytest.approx(
+        one["summary"]["results"]["final"]["loss"], rel=1e-9
+    )
 
 
 @pytest.mark.slow
@@ -399,3 +446,17 @@ def test_resume_never_picks_a_half_written_checkpoint(runs, tmp_path):
     assert [s["digests"] for s in resumed["steps"]] == [s["digests"] for s in full["steps"][4:]]
     assert_masks_equal(resumed["final_masks"], full["final_masks"])
     assert resumed["summary"]["final_is"] == "S_2"
+
+
+def test_a_deepspeed_checkpoint_at_another_world_size_is_refused_before_loading(runs, tmp_path):
+    """DeepSpeed's engine checkpoint holds each rank's ZeRO partition: a Trainer checkpoint written by
+    a 2-process DeepSpeed job is refused at 1 process, with the CLI's reason, before anything loads."""
+    from sparse_sup.checkpoint import atomic_torch_save, load_verified
+    from sparse_sup.checkpoint.state_pieces import rank_file
+
+    full = runs(**TIMM, save_steps=4)
+    shutil.copytree(full["dir"] / "checkpoint-4", tmp_path / "checkpoint-4")
+    rest = tmp_path / "checkpoint-4" / "sparse_sup" / rank_file(0)
+    atomic_torch_save(load_verified(rest) | {"world_size": 2, "parallelism": "deepspeed"}, rest)
+    with pytest.raises(ValueError, match="written by 2 processes and this job has 1: DeepSpeed's engine"):
+        worker.run(**TIMM, resume=str(tmp_path / "checkpoint-4"), output_dir=str(tmp_path))
