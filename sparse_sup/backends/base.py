@@ -91,8 +91,16 @@ class Backend(Protocol):
     def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
         """Back-propagate one of ``accum_steps`` micro-batches' mean loss."""
 
-    def optimizer_step(self) -> bool:
-        """Finish the optimizer step after the last micro-batch; False if it was skipped."""
+    def optimizer_step(self, defer: bool = False) -> bool:
+        """Finish the optimizer step after the last micro-batch; False if it was skipped.
+        ``defer=True``: the skip may be decided on the device without a host read; True is then
+        returned, ``last_skip`` holds the device flag and ``resolve_skips()`` the count."""
+
+    last_skip: torch.Tensor | None  # the last deferred step's skip flag (0-dim bool), else None
+
+    def resolve_skips(self) -> int:
+        """Steps reported as taken by deferred ``optimizer_step`` calls since the last call that the
+        device skipped (one host read where any was deferred)."""
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Whole tensors by name (collective: gathers sharded parameters). Exports only."""
@@ -134,6 +142,11 @@ def stepping_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.O
 _hooked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2 gradients), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class TorchOptimizerStep:
     """The real step of a plain torch optimizer (one process, DDP, FSDP2), in the order SPEC requires:
     [a scaler unscales once and skips the step on overflow: nothing below runs] -> engine reads RigL
@@ -154,7 +167,14 @@ class TorchOptimizerStep:
         self._engine = None
         self._ratios: list[float] = []
         self._skipping = False
-        self.applied = False  # whether the last real step was applied
+        self.applied = False  # whether the last real step was applied (as far as the host knows)
+        self.nonfinite_group: Collectives | None = None  # sharded gradients: reduce the flag here
+        self._defer = False  # the current step may be skipped on the device (see ``step``)
+        self._deferred = False
+        self._own_found_inf = False
+        self._lr_table: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None  # deferred steps the device skipped (int64, 0-dim)
+        self.last_skip: torch.Tensor | None = None  # the last deferred step's skip flag (bool, 0-dim)
 
     @property
     def engine(self):
@@ -200,45 +220,111 @@ class TorchOptimizerStep:
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
-    def _grads_finite(self, params: list[torch.Tensor]) -> bool:
+    def _nonfinite_flag(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """A 0-dim float tensor on the gradients' device, 1.0 where some gradient is inf/NaN, without
+        a host read: one fused norm over the local gradients (the clip's total norm where clipping
+        runs) and, for sharded gradients, one all-reduce over ``nonfinite_group`` (the shard group).
+        None where nothing is checked."""
         max_norm = self.options.max_grad_norm
         if max_norm:
-            # after the scaler's one unscale: the plain torch clip (Accelerate's would unscale again)
+            # after the scaler's one unscale: the plain torch clip (Accelerate's would unscale again);
+            # a DTensor total norm is reduced over its mesh by full_tensor(): one all-reduce
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            return bool(torch.isfinite(norm))
+            return (~torch.isfinite(norm)).float()
         if not self.options.skip_nonfinite or not params:
-            return True
-        norms = torch._foreach_norm([p.grad for p in params])
-        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-        return bool(torch.isfinite(torch.stack(norms)).all())
+            return None
+        grads = [_local(p.grad) for p in params]
+        flag = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
+        if self.nonfinite_group is not None:  # local shards: one reduction for the whole step
+            self.nonfinite_group.all_reduce_sum(flag)
+            flag = flag.clamp(max=1.0)
+        return flag
+
+    def _device_skip(self, optimizer, params: list[torch.Tensor]) -> bool:
+        """Whether the optimizer can skip a step on the device (fused SGD/Adam/AdamW read
+        ``optimizer.found_inf`` inside their kernels, step counts included) so that no host read is
+        needed. Not on a fused SGD's first step: its momentum buffers would be left uninitialised
+        (the next step would read garbage), so that one step reads the flag on the host."""
+        if not self._defer or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return False
+        if not all(g.get("fused") for g in optimizer.param_groups):
+            return False
+        momentum = any(g.get("momentum", 0) for g in optimizer.param_groups)
+        return not momentum or all("momentum_buffer" in optimizer.state.get(p, {}) for p in params)
+
+    def _device_lr(self) -> torch.Tensor:
+        """Group 0's LR as a device tensor for a deferred step: the engine's ``step`` counts the
+        deferred steps as taken, ``pending`` those of them the device skipped; the schedule is read
+        at the true step from a table of ``engine.lr(s)`` (built once, on the device)."""
+        engine = self._engine
+        if self._lr_table is None or self._lr_table.device != self.pending.device:
+            steps = engine.plan.total_steps + 1
+            self._lr_table = torch.tensor(
+                [engine.lr(s) for s in range(steps)], dtype=torch.float64, device=self.pending.device
+            )
+        return self._lr_table[(engine.step - self.pending).clamp(min=0)]
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook: gradients are accumulated, reduced and unscaled, not yet clipped."""
         self._engine.before_optimizer_step()
         params = self._params()
-        self._skipping = not self._grads_finite(params) and self.options.skip_nonfinite
+        flag = self._nonfinite_flag(params)
+        self._deferred = False
+        self.last_skip = None
+        if flag is not None and self.options.skip_nonfinite and self._device_skip(optimizer, params):
+            if self.pending is None or self.pending.device != flag.device:
+                self.pending = torch.zeros((), dtype=torch.int64, device=flag.device)
+            set_lrs(optimizer.param_groups, self._device_lr(), self._ratios)  # before counting this step
+            found = getattr(optimizer, "found_inf", None)  # a GradScaler's, on its fused path
+            optimizer.found_inf = flag if found is None else torch.maximum(found.to(flag), flag)
+            self._own_found_inf = found is None
+            self.pending += flag.to(torch.int64)
+            self.last_skip = flag > 0
+            self._deferred = True
+            self._skipping = False  # as far as the host knows: resolve_skips() corrects the count
+            return
+        self._skipping = flag is not None and self.options.skip_nonfinite and bool(flag)  # host read
         if self._skipping:  # a step without gradients changes no weight and no optimizer state
             for p in params:
                 p.grad = None
         set_lrs(optimizer.param_groups, self._engine.lr(), self._ratios)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._deferred and self._own_found_inf:
+            del optimizer.found_inf  # ours for this step only (a GradScaler removes its own)
         self.applied = not self._skipping
         self._engine.after_optimizer_step(skipped=self._skipping)
 
-    def step(self) -> bool:
-        """The CLI loop's step after its last micro-batch; False if it was skipped."""
+    def resolve_skips(self) -> int:
+        """How many of the steps reported as taken since the last call the device skipped (one host
+        read; none where no step was deferred). Group LRs go back to plain floats."""
+        if self.pending is None:
+            return 0
+        skipped = int(self.pending)  # the one host read
+        self.pending = None
+        if self._engine is not None:
+            set_lrs(self.optimizer.param_groups, self._engine.lr(self._engine.step - skipped), self._ratios)
+        return skipped
+
+    def step(self, defer: bool = False) -> bool:
+        """The CLI loop's step after its last micro-batch; False if it was skipped. ``defer``: the
+        caller can take the skip decision late (``resolve_skips``): where the optimizer skips on the
+        device, no host read happens and True is returned; ``last_skip`` is then the device flag."""
         optimizer, scaler = self.optimizer, self.options.scaler
+        self._defer, self.last_skip = defer, None
         self.applied = False  # stays False where the scaler skips the step (no hook runs)
-        with self._hooked_here():
-            if scaler is not None:
-                # unscaled here, once: a fused optimizer would otherwise unscale inside its own step,
-                # after the hooks saw (and clipped) scaled gradients
-                scaler.unscale_(optimizer)
-                scaler.step(optimizer)  # skips the step itself if unscale_ found inf/NaN
-                scaler.update()
-            else:
-                optimizer.step()
+        try:
+            with self._hooked_here():
+                if scaler is not None:
+                    # unscaled here, once: a fused optimizer would otherwise unscale inside its own
+                    # step, after the hooks saw (and clipped) scaled gradients
+                    scaler.unscale_(optimizer)
+                    scaler.step(optimizer)  # skips the step if unscale_ found inf/NaN (a host read
+                    scaler.update()  # unless the optimizer is fused: then found_inf stays on device)
+                else:
+                    optimizer.step()
+        finally:
+            self._defer = False
         optimizer.zero_grad(set_to_none=True)
         return self.applied

@@ -156,9 +156,15 @@ class ZeroBackend:
         self.ds_engine.backward(loss)
         self.ds_engine.step()
 
-    def optimizer_step(self) -> bool:
-        """The step already ran inside the last ``backward`` (with the sparse engine around it)."""
+    last_skip = None  # DeepSpeed decides overflow itself, on the host (its own read)
+
+    def optimizer_step(self, defer: bool = False) -> bool:
+        """The step already ran inside the last ``backward`` (with the sparse engine around it).
+        ``defer`` changes nothing: DeepSpeed reads its overflow flag on the host itself."""
         return bool(self.ds_engine.was_step_applied())
+
+    def resolve_skips(self) -> int:
+        return 0
 
     def save_training_state(self, directory: Path) -> None:
         self.ds_engine.save_checkpoint(str(directory), tag="engine")

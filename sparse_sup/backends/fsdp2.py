@@ -180,6 +180,7 @@ class FSDP2Backend:
         self.shard: Collectives = ProcessGroupCollectives(shard_group)
         self.data_parallel: Collectives = ProcessGroupCollectives(data_parallel_group)
         self._step = TorchOptimizerStep(self.optimizer, options)
+        self._step.nonfinite_group = self.shard  # local gradient shards: one flag reduction per step
         if getattr(model, "_sparse_sup_reshard_hook", None) is None:  # once per model
             model._sparse_sup_reshard_hook = model.register_forward_hook(_reshard_after_inference)
 
@@ -251,8 +252,15 @@ class FSDP2Backend:
     def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
         self._step.backward(loss, accum_steps)
 
-    def optimizer_step(self) -> bool:
-        return self._step.step()
+    def optimizer_step(self, defer: bool = False) -> bool:
+        return self._step.step(defer)
+
+    @property
+    def last_skip(self) -> torch.Tensor | None:
+        return self._step.last_skip
+
+    def resolve_skips(self) -> int:
+        return self._step.resolve_skips()
 
     def save_training_state(self, directory: Path) -> None:
         dcp_save(self.model, self.optimizer, directory)

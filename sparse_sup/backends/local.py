@@ -89,8 +89,15 @@ class LocalBackend:
     def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
         self._step.backward(loss, accum_steps)
 
-    def optimizer_step(self) -> bool:
-        return self._step.step()
+    def optimizer_step(self, defer: bool = False) -> bool:
+        return self._step.step(defer)
+
+    @property
+    def last_skip(self) -> torch.Tensor | None:
+        return self._step.last_skip
+
+    def resolve_skips(self) -> int:
+        return self._step.resolve_skips()
 
     # ---- whole tensors and checkpoints ------------------------------------------------------------
     def full_state(self) -> dict[str, torch.Tensor]:

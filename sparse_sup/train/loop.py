@@ -146,11 +146,35 @@ class Run:
         self.metrics.write(**schedule_record(self.engine))
 
     # ---- run checkpoints -----------------------------------------------------------------------
-    def checkpoint_due(self) -> bool:
-        ck, step, engine = self.config.checkpoint, self.engine.step, self.engine
+    def checkpoint_due(self, step: int | None = None) -> bool:
+        ck, engine = self.config.checkpoint, self.engine
+        step = engine.step if step is None else step
         periodic = ck.every_steps is not None and step % ck.every_steps == 0
         event = step == self.p.plan.pre_steps or engine.phases.cycle_end(step) is not None
         return periodic or (ck.at_cycle_ends and event)
+
+    def _host_step(self, step: int, last_step: int) -> bool:
+        """Whether completing optimizer step ``step`` makes the host act: log, evaluate, checkpoint,
+        stop, or an engine event (mask update, phase or cycle boundary, the end). Such a step and the
+        steps before it must be known exactly, so it is never deferred (see ``train``)."""
+        c, plan, engine = self.config, self.p.plan, self.engine
+        eval_every = c.train.eval_every_epochs
+        return (
+            step % c.train.log_every == 0
+            or step >= last_step
+            or (eval_every and step % max(1, round(eval_every * plan.steps_per_epoch)) == 0)
+            or self.checkpoint_due(step)
+            or bool(engine.mask_events(step))
+            or step in (plan.pre_steps, plan.total_steps)
+            or engine.phases.cycle_end(step) is not None
+        )
+
+    def _next_host_step(self, last_step: int) -> int:
+        """The first step after the engine's (exact) step at which the host acts."""
+        step = self.engine.step + 1
+        while not self._host_step(step, last_step):
+            step += 1
+        return step
 
     def save_checkpoint(self) -> None:
         """Collective: model + optimizer (the engine's format) and this rank's sparse state.
@@ -273,7 +297,16 @@ class Run:
             unit="step",
             dynamic_ncols=True,
         )
-        window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+        # Host syncs: none between log steps. The loss window sums on the device; a step whose
+        # completion cannot make the host act (``_host_step``) is *deferred*: where the optimizer
+        # skips on the device (fused, ``found_inf``), a non-finite step is skipped there, counted
+        # as taken by the host, and corrected by ``resolve_skips`` (one read) before the next step
+        # that can make the host act. The steps in between do nothing that depends on the count
+        # (their LR is read on the device at the true step), so the run is the same as with a
+        # read after every step: same skipped steps, same data position, same schedule.
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        window_n, window_start, unresolved = 0, time.perf_counter(), 0
+        next_host_step = self._next_host_step(last_step)
         bar.update(engine.step)
         self.model.train()
         while engine.step < last_step:
@@ -282,19 +315,29 @@ class Run:
             sampler.set_epoch(epoch, offset)
             micro = iter(loader)
             for _ in range(offset, plan.steps_per_epoch):
-                loss = self._optimizer_step(micro, accum)
+                defer = engine.step + 1 < next_host_step
+                if not defer and unresolved:
+                    skipped = self._resolve_skips()
+                    window_n, unresolved = window_n - skipped, 0
+                    bar.update(-skipped)
+                    defer = engine.step + 1 < next_host_step  # the exact step may be further off
+                loss = self._optimizer_step(micro, accum, defer)
                 if loss is None:
                     self.skipped += 1
                     continue
-                window_loss, window_n = window_loss + loss, window_n + 1
+                window_loss += loss
+                window_n, unresolved = window_n + 1, unresolved + defer
                 bar.update(1)
-                phase, cycle = engine.phase(engine.step - 1)
-                bar.set_postfix(
-                    loss=f"{loss:.3f}",
-                    lr=f"{engine.lr(engine.step - 1):.2e}",
-                    phase=phase if cycle is None else f"cycle {cycle + 1}",
-                )
+                if not defer:
+                    next_host_step = self._next_host_step(last_step)
                 if engine.step % c.train.log_every == 0 or engine.step == last_step:
+                    phase, cycle = engine.phase(engine.step - 1)
+                    mean_loss = float(window_loss) / window_n
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.3f}",
+                        lr=f"{engine.lr(engine.step - 1):.2e}",
+                        phase=phase if cycle is None else f"cycle {cycle + 1}",
+                    )
                     rate = window_n / (time.perf_counter() - window_start)
                     log.info(
                         "step %d/%d epoch %d %s | loss %.4f | lr %.2e | density %.4f | %.2f steps/s%s",
@@ -302,7 +345,7 @@ class Run:
                         last_step,
                         epoch,
                         phase if cycle is None else f"cycle {cycle + 1}",
-                        window_loss / window_n,
+                        mean_loss,
                         engine.lr(engine.step - 1),
                         engine.masks.density(engine.targets),
                         rate,
@@ -312,14 +355,15 @@ class Run:
                         event="train",
                         step=engine.step,
                         epoch=epoch,
-                        loss=window_loss / window_n,
+                        loss=mean_loss,
                         lr=engine.lr(engine.step - 1),
                         phase=phase,
                         cycle=cycle,
                         density=engine.masks.density(engine.targets),
                         steps_per_s=rate,
                     )
-                    window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+                    window_loss.zero_()
+                    window_n, window_start = 0, time.perf_counter()
                 if (
                     c.train.eval_every_epochs
                     and engine.step % max(1, round(c.train.eval_every_epochs * plan.steps_per_epoch)) == 0
@@ -331,12 +375,29 @@ class Run:
                     self.save_checkpoint()
                 if engine.step >= last_step:
                     break
+        self._resolve_skips()  # none pending: the last step is never deferred
         bar.close()
         return self.finish(self.skipped)
 
-    def _optimizer_step(self, micro, accum: int) -> float | None:
+    def _resolve_skips(self) -> int:
+        """Move the deferred steps the device skipped from the engine's step count to ``skipped``
+        (one host read)."""
+        skipped = self.backend.resolve_skips()
+        if skipped:
+            self.engine.step -= skipped  # they ran no event: deferred steps never complete one
+            self.skipped += skipped
+            log.warning(
+                "%d optimizer step(s) before step %d skipped on the device (non-finite gradients or "
+                "overflow); no schedule advanced",
+                skipped,
+                self.engine.step + 1,
+            )
+        return skipped
+
+    def _optimizer_step(self, micro, accum: int, defer: bool = False) -> torch.Tensor | None:
         """One real optimizer step over ``accum`` micro-batches, for every engine: the backend says
-        how gradients synchronise and where the step happens; None if the step was skipped."""
+        how gradients synchronise and where the step happens. Returns the mean loss on the device
+        (0 where a deferred step was skipped on the device), None if the host knows it was skipped."""
         backend, data = self.backend, self.p.train_input
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         inject = self.engine.step + self.skipped in self.config.train.nonfinite_steps
@@ -352,10 +413,11 @@ class Run:
                     loss = loss * float("inf")
                 backend.backward(loss, accum)
             total += loss.detach().double() / accum
-        if not backend.optimizer_step():
+        if not backend.optimizer_step(defer=defer):
             log.warning("optimizer step skipped (non-finite gradients or overflow); no schedule advanced")
             return None
-        return float(total)
+        skip = backend.last_skip
+        return total if skip is None else torch.where(skip, torch.zeros_like(total), total)
 
     # ---- the end -------------------------------------------------------------------------------
     def finish(self, skipped: int) -> dict:

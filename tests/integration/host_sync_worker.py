@@ -1,0 +1,44 @@
+"""Run ``sparse-sup train`` with every optimizer-step attempt's host reads counted
+(``sparse_sup.train.host_syncs``); each rank writes ``OUT.rank<R>.json``: the per-attempt records.
+``SYNC_NO_DEFER=1``: every step treated as one where the host acts
+(the skip decision read at once): the reference a deferred run must equal.
+
+Reads made by ``sparse.check_invariants`` (tests' own checks) are not counted.
+
+    python host_sync_worker.py OUT --config ...        (or under accelerate launch / torchrun)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> int:
+    out, argv = sys.argv[1], sys.argv[2:]
+    from sparse_sup.cli import main as cli_main
+    from sparse_sup.train.host_syncs import count_loop_syncs
+    from sparse_sup.train.loop import Run
+
+    if os.environ.get("SYNC_NO_DEFER") == "1":
+        Run._host_step = lambda self, step, last_step: True
+    with count_loop_syncs(Run, exclude=("core/invariants.py",)) as records:  # the checks tests ask for
+        counted = Run.train
+
+        def train_and_write(self):
+            try:
+                return counted(self)
+            finally:
+                rank = self.accelerator.process_index
+                Path(f"{out}.rank{rank}.json").write_text(json.dumps(records))
+
+        Run.train = train_and_write
+        return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
