@@ -43,6 +43,8 @@ class ModelConfig:
     cifar_stem: bool = False
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False  # timm's weights, from the local HF / torch hub cache only (never downloads)
+    checkpoint: str | None = None  # local weights file (safetensors / torch); classifier may differ
 
     def __post_init__(self) -> None:
         for key, value in self.kwargs.items():

@@ -1,9 +1,12 @@
-"""Build any timm model by name (never pretrained), optionally with a CIFAR stem."""
+"""Build any timm model by name, optionally with a CIFAR stem and with weights from a local file
+(``model.checkpoint``) or from timm's pretrained weights already in the local HF / torch hub cache
+(``model.pretrained``; never downloads)."""
 
 from __future__ import annotations
 
 import difflib
 import logging
+import os
 from typing import Any
 
 import timm
@@ -35,14 +38,81 @@ def _check_known(name: str) -> None:
     raise ConfigError(f"Unknown model name {name!r} (model.name).{hint}")
 
 
+def cached_pretrained_file(name: str) -> str:
+    """Path of timm's pretrained weights for ``name`` (``arch`` or ``arch.tag``) in the local
+    Hugging Face hub cache (or, for URL-hosted weights, torch hub's); FileNotFoundError otherwise."""
+    import huggingface_hub
+    import torch.hub
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ConfigError(f"model.pretrained=true: timm has no pretrained weights for {name!r}")
+    tried = []
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in names:
+            found = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return found
+            tried.append(f"hf://{repo}/{filename}")
+    if cfg.url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url.split("?")[0]))
+        if os.path.isfile(path):
+            return path
+        tried.append(path)
+    raise FileNotFoundError(
+        f"model.pretrained=true: the weights of {name!r} are not in the local cache (looked for "
+        f"{', '.join(tried)}; HF cache {huggingface_hub.constants.HF_HUB_CACHE}). Nothing is downloaded: "
+        f"fetch them on a connected machine (timm.create_model({name!r}, pretrained=True)) and copy "
+        "the cache (HF_HOME) here, or pass a local file as model.checkpoint"
+    )
+
+
+def load_checkpoint_file(model: nn.Module, path: str) -> list[str]:
+    """Load a local weights file (safetensors, or a torch checkpoint with or without a ``state_dict``
+    / ``model`` entry) into ``model``. The classifier may differ in shape (another number of classes):
+    it then keeps its fresh init. Any other missing, unexpected or mis-shaped key is an error.
+    Returns the names left at their init."""
+    from timm.models import load_state_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.checkpoint={path!r} does not exist")
+    state = load_state_dict(path, use_ema=False)
+    own = model.state_dict()
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    heads = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
+    skipped = [k for k in reshaped if k.startswith(heads)]
+    for k in skipped:
+        del state[k]
+    missing = [k for k in own if k not in state and k not in skipped]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped if k not in skipped]
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"model.checkpoint={path!r} does not fit {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shapes {wrong[:5]} (only the classifier may differ)"
+        )
+    model.load_state_dict(state, strict=False)
+    if skipped:
+        _LOG.info("model.checkpoint: classifier %s re-initialised (shape differs)", skipped)
+    return skipped
+
+
 def build_model(
     name: str,
     num_classes: int,
     cifar_stem: bool = False,
     drop_rate: float = 0.0,
     kwargs: dict[str, Any] | None = None,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
 ) -> nn.Module:
-    """Create ``timm.create_model(name, pretrained=False, num_classes=..., **kwargs)``.
+    """Create ``timm.create_model(name, num_classes=..., **kwargs)``; ``pretrained`` loads timm's
+    weights from the local cache only (a classifier of another size is re-initialised, a CIFAR stem
+    replaces the pretrained stem), ``checkpoint`` a local file after the stem is applied.
 
     Args:
         name: any registered timm name (incl. ``vgg19_bn_cifar``), optionally with a ``.tag``.
@@ -64,9 +134,11 @@ def build_model(
     bad = [k for k in _RESERVED_KWARGS if k in extra]
     if bad:
         raise ConfigError(
-            f"model.kwargs may not set {bad}: build_model never loads pretrained weights "
-            f"and takes num_classes as an argument"
+            f"model.kwargs may not set {bad}: use model.pretrained / model.checkpoint for weights; "
+            "num_classes is model.num_classes"
         )
+    if pretrained and checkpoint:
+        raise ConfigError("set model.pretrained or model.checkpoint, not both")
     if drop_rate:
         if "drop_rate" in extra and extra["drop_rate"] != drop_rate:
             raise ConfigError(
@@ -75,7 +147,13 @@ def build_model(
         extra["drop_rate"] = drop_rate
 
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **extra)
+        if pretrained:
+            path = cached_pretrained_file(name)
+            _LOG.info("pretrained weights of %s from the local cache: %s", name, path)
+            overlay = {"file": path, "source": "file"}
+            extra = {**extra, "pretrained_cfg_overlay": overlay}
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **extra)
+        extra.pop("pretrained_cfg_overlay", None)
     except TypeError as e:  # a keyword the model's constructor does not take
         if not extra or "argument" not in str(e):
             raise
@@ -85,6 +163,8 @@ def build_model(
         ) from None
     if cifar_stem:
         apply_cifar_stem(model, name)
+    if checkpoint:
+        load_checkpoint_file(model, os.path.expanduser(checkpoint))
     n_params = sum(p.numel() for p in model.parameters())
     _LOG.info(
         "built %s (num_classes=%d, cifar_stem=%s, kwargs=%s): %.2fM params",

@@ -95,6 +95,8 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
         cifar_stem=config.model.cifar_stem,
         drop_rate=config.model.drop_rate,
         kwargs=config.model.kwargs,
+        pretrained=config.model.pretrained,
+        checkpoint=config.model.checkpoint,
     )
     target_names = select_targets(model, config.sparse.include, config.sparse.exclude or None)
     if not target_names:
