@@ -34,6 +34,8 @@ def run_training(
     accelerator = make_accelerator(config, deepspeed_launcher=bool(deepspeed_config))
     try:
         check_batch_split(config.schedule, accelerator.num_processes)
+        if deepspeed_config or accelerator.state.deepspeed_plugin is not None:
+            check_deepspeed_precision(config)
         prepared = prepare(config, resume)
         resolve_report_to(config.train.report_to)  # a tracker that is not installed stops here
         from ..backends.deepspeed_config import fill_deepspeed_config
@@ -65,6 +67,19 @@ def run_training(
             f"\nrun directory: {prepared.run_dir}"
         )
     return finish_process(accelerator, 0)
+
+
+def check_deepspeed_precision(config: Config) -> None:
+    """DeepSpeed has no fp16 on CPU: its engine refuses it in ``deepspeed.initialize`` ("Type fp16 is
+    not supported on your device"), after the data and the model were built. Refused here instead,
+    before anything is written, saying what runs (the loop's own CPU fp16 path, autocast and a
+    GradScaler, is for one process and DDP, never around DeepSpeed's engine)."""
+    if config.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.precision='fp16' under DeepSpeed on CPU: DeepSpeed runs fp16 on GPUs only (its engine "
+            "refuses it: 'Type fp16 is not supported on your device'); use train.precision=bf16 (DeepSpeed's "
+            "bf16 runs on CPU) or fp32, or fp16 without DeepSpeed (one process or DDP)"
+        )
 
 
 def make_accelerator(config: Config, deepspeed_launcher: bool = False):

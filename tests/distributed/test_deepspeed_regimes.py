@@ -119,6 +119,28 @@ def test_zero_offload_is_refused_before_training(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed runs fp16 on GPUs")
+def test_fp16_under_deepspeed_on_cpu_is_refused_before_anything_is_written(tmp_path):
+    """DeepSpeed has no fp16 on CPU: its engine raised 'Type fp16 is not supported on your device' from
+    deepspeed.initialize, as a traceback after the data and model were built (measured: 2.5 min on 2
+    busy cores, exit 1). Now exit 2 before anything is written, saying what runs instead (the loop's own
+    CPU fp16 path, autocast + GradScaler, is for one process and DDP, never around DeepSpeed's engine)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    args = [
+        "--config",
+        "configs/tiny-test.yaml",
+        "--train.precision=fp16",
+        f"--experiment.output_dir={run_dir}",
+    ]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--deepspeed", "launch/deepspeed/zero2.json", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train.precision='fp16' under DeepSpeed on CPU" in proc.stderr
+    assert "train.precision=bf16" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
 def run_padded_zero3(tmp_path: Path, world: int) -> tuple[dict, Path]:
     out, ticket = tmp_path / "result.pt", tmp_path / "ticket"
     args = ["--mode", "zero3", "--model", "padded", "--float32", "--max-steps", "4"]
