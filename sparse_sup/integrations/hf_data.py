@@ -1,8 +1,7 @@
 """Fixed batches of a Trainer's training set for BatchNorm recalibration.
 
-As in the CLI: batch j holds a fixed slice of an order seeded by (seed, recalibration pass) and goes
-to rank j mod W, so the pooled statistics (and S_i) do not depend on the number of processes. The
-examples are taken through the Trainer's own column removal and data collator."""
+The CLI's batches (``sparse_sup.recalibration``'s plan: the pooled statistics, and S_i, do not depend
+on the number of processes), taken through the Trainer's own column removal and data collator."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from ..core.collectives import Collectives
-from ..data.keys import mix32, recalibration_epoch
+from ..recalibration import recalibration_plan
 from ..tickets import Discard
 
 
@@ -41,22 +40,22 @@ def recalibration_batches(
         raise ValueError(
             "BN recalibration needs a map-style train_dataset; set tickets_bn_recalibration=False"
         )
-    epoch = recalibration_epoch(counter)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(mix32(seed, epoch)))
-    total = len(dataset) // batch_size
-    if num_batches is not None:
-        total = min(total, num_batches)
-    if total == 0:
+    if batch_size > len(dataset):
         raise ValueError(
             f"BN recalibration batch size {batch_size} exceeds the {len(dataset)} training examples; "
             "lower tickets_bn_recal_batch_size"
         )
-    world, rank = collectives.world_size, collectives.rank
-    mine = list(range(rank, total, world))
-    rounds = -(-total // world) if lockstep else len(mine)
+    plan = recalibration_plan(
+        len(dataset),
+        batch_size,
+        num_batches,
+        seed=seed,
+        counter=counter,
+        collectives=collectives,
+        lockstep=lockstep,
+    )
     labels = set(trainer.label_names)
-    for i in range(rounds):
-        j = mine[i] if i < len(mine) else 0
-        batch = collate([dataset[int(k)] for k in order[j * batch_size : (j + 1) * batch_size]])
+    for indices, discard in plan.rounds:
+        batch = collate([dataset[k] for k in indices])
         inputs = {k: v for k, v in trainer._prepare_inputs(batch).items() if k not in labels}
-        yield inputs if i < len(mine) else Discard(inputs)
+        yield Discard(inputs) if discard else inputs

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.collectives import Collectives
-from ..data import EvalShardSampler, make_loader, mix32, recalibration_epoch
+from ..data import EvalShardSampler, make_loader
 from ..progress import progress
 
 
@@ -67,25 +67,25 @@ def recalibration_batches(
     lockstep: bool = False,
     counter: int = 0,
 ):
-    """Training images for BN recalibration pass ``counter``, in batches whose content does not
-    depend on the world size: batch j holds a fixed slice of a seeded order and goes to rank j mod W.
+    """Training images for BN recalibration pass ``counter``, the batches of ``recalibration_plan``
+    (their content does not depend on the world size).
 
     Sample ``i`` is served with the key ``(recalibration_epoch(counter), i)``: through the training
     transform (``dataset.train``) it gets augmentations of its own, a pure function of
     (seed, counter, i). The order is seeded by (seed, counter) as a training epoch's is.
     With ``lockstep`` every rank yields the same number of items (``Discard``: forward only)."""
+    from ..recalibration import recalibration_plan
     from ..tickets import Discard
 
-    epoch = recalibration_epoch(counter)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(mix32(seed, epoch)))
-    total = len(dataset) // batch_size
-    if num_batches is not None:
-        total = min(total, num_batches)
-    world, rank = collectives.world_size, collectives.rank
-    mine = list(range(rank, total, world))
-    rounds = -(-total // world) if lockstep else len(mine)
-    for i in progress(range(rounds), desc="BN recalibration", unit="batch"):
-        j = mine[i] if i < len(mine) else 0
-        keys = [(epoch, int(k)) for k in order[j * batch_size : (j + 1) * batch_size]]
-        images = dataset.get_batch(keys)[0].to(device, dtype)
-        yield images if i < len(mine) else Discard(images)
+    plan = recalibration_plan(
+        len(dataset),
+        batch_size,
+        num_batches,
+        seed=seed,
+        counter=counter,
+        collectives=collectives,
+        lockstep=lockstep,
+    )
+    for indices, discard in progress(plan.rounds, desc="BN recalibration", unit="batch"):
+        images = dataset.get_batch([(plan.epoch, k) for k in indices])[0].to(device, dtype)
+        yield Discard(images) if discard else images

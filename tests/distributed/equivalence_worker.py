@@ -31,6 +31,7 @@ from sparse_sup.config import load_config, resolve_plan  # noqa: E402
 from sparse_sup.core.collectives import LOCAL  # noqa: E402
 from sparse_sup.data import GlobalBatchSampler  # noqa: E402
 from sparse_sup.engine import EngineHooks, SupTicketsEngine  # noqa: E402
+from sparse_sup.recalibration import recalibration_plan  # noqa: E402
 from sparse_sup.tickets import Discard, recalibrate_batchnorm  # noqa: E402
 from sparse_sup.train.evaluate import evaluate  # noqa: E402
 
@@ -319,18 +320,17 @@ class ToyRun:
             assert all(torch.equal(a, b) for a, b in zip(mine, other)), "BN buffers differ across ranks"
 
     def recalibrate(self):
-        """Batch j of a fixed order goes to rank j mod W; lockstep padding under FSDP2."""
-        order = torch.arange(NUM_TRAIN)
-        num = NUM_TRAIN // BN_BATCH
-        mine = list(range(self.dp.rank, num, self.dp.world_size))
-        rounds = -(-num // self.dp.world_size) if self.mode in ("fsdp2", "hsdp", "zero3") else len(mine)
+        """The front ends' plan (``sparse_sup.recalibration``): batch j of a seeded order goes to rank
+        j mod W; lockstep padding under FSDP2 / ZeRO-3."""
+        lockstep = self.mode in ("fsdp2", "hsdp", "zero3")
+        plan = recalibration_plan(
+            NUM_TRAIN, BN_BATCH, None, seed=0, counter=0, collectives=self.dp, lockstep=lockstep
+        )
 
         def batches():
-            for i in range(rounds):
-                j = mine[i] if i < len(mine) else 0
-                x = self.train_data.x[order[j * BN_BATCH : (j + 1) * BN_BATCH]]
-                x = x.to(dtype=self.input_dtype)
-                yield x if i < len(mine) else Discard(x)
+            for indices, discard in plan.rounds:
+                x = self.train_data.x[indices].to(dtype=self.input_dtype)
+                yield Discard(x) if discard else x
 
         recalibrate_batchnorm(self.module, batches(), self.dp, forward=self.model)
 
