@@ -9,8 +9,10 @@ concatenation in global-index order, whatever the sharding.
 How: scores are mapped to order-preserving unsigned integer keys and the k-th key is found by a
 radix descent, 8 bits at a time. Each pass all-reduces one [groups, 256] count histogram, so ranks
 exchange O(groups * 256) integers, never tensor data. Exact ties at the threshold are broken by a
-second radix descent over the global index. Extra memory is O(local piece): candidates shrink to
-~1/256 after the first pass on continuous data.
+second radix descent over the global index. Candidates are boolean masks over the local pieces,
+never compacted (a compaction reads a size back per piece): no host read inside a pass, one per
+pass to stop early, one to validate the request and one to decide on the tie-break. Extra memory:
+~3 bytes per local element (candidates, selection, the pass's digits).
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ def key_bits(dtype: torch.dtype) -> int:
     return 64 if dtype == torch.float64 else 32
 
 
-def ordered_keys(scores: torch.Tensor, bits: int) -> torch.Tensor:
+def ordered_keys(scores: torch.Tensor, bits: int, check_nan: bool = True) -> torch.Tensor:
     """int64 keys whose unsigned order over ``bits`` bits equals the float order of ``scores``.
 
-    -0.0 and +0.0 get the same key. Raises on NaN (diverged weights or gradients).
+    -0.0 and +0.0 get the same key. Raises on NaN (diverged weights or gradients) unless
+    ``check_nan=False`` (a host read; ``top_k_masks`` checks all pieces at once instead).
     """
     if bits == 64:
         x = scores.detach().reshape(-1).to(torch.float64) + 0.0  # + 0.0 turns -0.0 into +0.0
@@ -54,66 +57,67 @@ def ordered_keys(scores: torch.Tensor, bits: int) -> torch.Tensor:
     else:
         x = scores.detach().reshape(-1).to(torch.float32) + 0.0
         raw, low, sign = x.view(torch.int32).to(torch.int64), 2**31 - 1, 2**31
-    if torch.isnan(x).any():
+    if check_nan and torch.isnan(x).any():
         raise ValueError("NaN in selection scores: the weights or gradients have diverged")
     signed_order = torch.where(raw < 0, raw ^ low, raw)
     return signed_order ^ sign  # flip the sign bit: signed order -> unsigned order
 
 
-def _positions(candidates: torch.Tensor | None, condition: torch.Tensor) -> torch.Tensor:
-    """Piece positions of the candidates where ``condition`` holds (None: all positions)."""
-    return condition.nonzero()[:, 0] if candidates is None else candidates[condition]
+def _histogram(
+    num_groups: int, groups: Sequence[int], digits: list[torch.Tensor], alive: list[torch.Tensor], device
+) -> torch.Tensor:
+    """[groups, 256] counts of the alive elements' digits (no host read: scatter_add, not bincount)."""
+    hist = torch.zeros(num_groups, _BINS, dtype=torch.int64, device=device)
+    for g, d, a in zip(groups, digits, alive):
+        hist[g].scatter_add_(0, d.to(torch.int64), a.to(torch.int64))
+    return hist
+
+
+def _pivot(hist: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the smallest digit whose cumulative count reaches what is still owed, and how many
+    elements lie below it."""
+    cum_below = hist.cumsum(1)  # count with digit <= d
+    pivot = (cum_below < remaining[:, None]).sum(1).clamp(max=_BINS - 1)
+    below = torch.where(pivot > 0, cum_below.gather(1, (pivot - 1).clamp(min=0)[:, None])[:, 0], 0)
+    return pivot, below
 
 
 def _radix_smallest(
-    key_at: Callable[[int, torch.Tensor | None], torch.Tensor],
-    sizes: Sequence[int],
+    key_at: Callable[[int], torch.Tensor],
     groups: Sequence[int],
-    candidates: list[torch.Tensor | None],
+    alive: list[torch.Tensor],
     remaining: torch.Tensor,
     bits: int,
     collectives: Collectives,
-) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-    """Per group g, select the ``remaining[g]`` candidates with the smallest key.
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per group g, select the ``remaining[g]`` alive elements with the smallest key.
 
-    ``candidates[i]`` holds positions inside piece i (None: all). ``key_at(i, positions)`` gives the
-    keys there. Returns the selected positions per piece and, per group, how many are still owed
-    because of exact key ties; the tied positions are left in ``candidates`` (mutated).
+    ``alive[i]`` (bool, flat) marks the candidates of piece i; ``key_at(i)`` gives piece i's keys.
+    Returns the selected elements per piece (bool, flat) and, per group, how many are still owed
+    because of exact key ties; the tied elements are left marked in ``alive`` (replaced).
+    Candidates are masks, never compacted index lists (compaction reads a size per piece): one
+    host read per pass, whether any group still owes elements.
     """
     num_groups = remaining.numel()
     device = remaining.device
-    selected: list[list[torch.Tensor]] = [[] for _ in sizes]
+    selected = [torch.zeros_like(a) for a in alive]
     for shift in range(bits - 8, -1, -8):
-        hist = torch.zeros(num_groups, _BINS, dtype=torch.int64, device=device)
-        digits: list[torch.Tensor | None] = []
-        for i, cand in enumerate(candidates):
-            if (sizes[i] if cand is None else cand.numel()) == 0:
-                digits.append(None)
-                continue
-            d = ((key_at(i, cand) >> shift) & 0xFF).to(torch.uint8)  # kept per piece: 1 byte each
-            hist[groups[i]] += torch.bincount(d, minlength=_BINS)
-            digits.append(d)
+        # kept per piece as 1 byte per element (keys are recomputed each pass, one piece at a time)
+        digits = [((key_at(i) >> shift) & 0xFF).to(torch.uint8) for i in range(len(alive))]
+        hist = _histogram(num_groups, groups, digits, alive, device)
         collectives.all_reduce_sum(hist)
-        cum_below = hist.cumsum(1)  # count with digit <= d
-        # smallest digit whose cumulative count reaches what is still owed
-        pivot = (cum_below < remaining[:, None]).sum(1).clamp(max=_BINS - 1)
-        below = torch.where(pivot > 0, cum_below.gather(1, (pivot - 1).clamp(min=0)[:, None])[:, 0], 0)
+        pivot, below = _pivot(hist, remaining)
         remaining = remaining - below
         at_pivot = hist.gather(1, pivot[:, None])[:, 0]
         resolved = (at_pivot == remaining) | (remaining == 0)
-        undecided = at_pivot == hist.sum(1)  # every candidate shares this digit: nothing to filter
-        for i, d in enumerate(digits):
-            if d is None or (bool(undecided[groups[i]]) and not bool(resolved[groups[i]])):
-                continue
-            g, p = groups[i], int(pivot[groups[i]])
-            selected[i].append(_positions(candidates[i], d < p))
-            candidates[i] = _positions(candidates[i], d == p)
-            if bool(resolved[g]):
-                if int(remaining[g]) > 0:
-                    selected[i].append(candidates[i])
-                candidates[i] = candidates[i][:0]
+        take_tied = resolved & (remaining > 0)  # every candidate at the pivot is selected
+        for i, (g, d) in enumerate(zip(groups, digits)):
+            selected[i] |= alive[i] & (d < pivot[g])
+            at = alive[i] & (d == pivot[g])
+            selected[i] |= at & take_tied[g]
+            alive[i] = at & ~resolved[g]
         remaining = torch.where(resolved, torch.zeros_like(remaining), remaining)
-        if not bool((remaining > 0).any()):
+        if not bool((remaining > 0).any()):  # the pass's one host read
             break
     return selected, remaining
 
@@ -124,31 +128,27 @@ def _lowest_indices(
     owed: torch.Tensor,
     collectives: Collectives,
 ) -> list[torch.Tensor]:
-    """Per group g, the ``owed[g]`` tied candidates with the lowest global index.
-
-    ``tied[i]`` are ascending positions in piece i, so counts below any boundary come from
-    ``searchsorted``: a radix descent over the index costs O(256 log n) per piece and pass.
-    """
+    """Per group g, the ``owed[g]`` tied elements (bool masks, flat) with the lowest global index:
+    a radix descent over the 48-bit index, no host read."""
     num_groups = owed.numel()
     device = owed.device
-    global_index = [t + p.offset for t, p in zip(tied, pieces)]
+    global_index = [torch.arange(t.numel(), device=device) + p.offset for t, p in zip(tied, pieces)]
+    groups = [p.group for p in pieces]
     prefix = torch.zeros(num_groups, dtype=torch.int64, device=device)
     owed = owed.clone()
     for shift in range(_INDEX_BITS - 8, -1, -8):
-        edges = prefix[:, None] + (torch.arange(_BINS + 1, device=device) << shift)[None, :]
-        hist = torch.zeros(num_groups, _BINS, dtype=torch.int64, device=device)
-        for p, gi in zip(pieces, global_index):
-            hist[p.group] += torch.searchsorted(gi, edges[p.group]).diff()
+        digits = [(gi >> shift) & 0xFF for gi in global_index]
+        in_prefix = [
+            t & ((gi >> (shift + 8)) == (prefix[g] >> (shift + 8)))
+            for t, gi, g in zip(tied, global_index, groups)
+        ]
+        hist = _histogram(num_groups, groups, digits, in_prefix, device)
         collectives.all_reduce_sum(hist)
-        cum_below = hist.cumsum(1)
-        pivot = (cum_below < owed[:, None]).sum(1).clamp(max=_BINS - 1)
-        owed -= torch.where(pivot > 0, cum_below.gather(1, (pivot - 1).clamp(min=0)[:, None])[:, 0], 0)
+        pivot, below = _pivot(hist, owed)
+        owed -= below
         prefix += pivot << shift
     # prefix[g] is now the global index of the last element owed (or 0 where none was owed)
-    return [
-        (gi[gi <= prefix[p.group]] if int(owed[p.group]) > 0 else gi[:0]) - p.offset
-        for p, gi in zip(pieces, global_index)
-    ]
+    return [t & (gi <= prefix[g]) & (owed[g] > 0) for t, gi, g in zip(tied, global_index, groups)]
 
 
 def top_k_masks(
@@ -165,43 +165,42 @@ def top_k_masks(
     """
     device = pieces[0].scores.device if pieces else torch.device("cpu")
     groups = [p.group for p in pieces]
-    sizes = [p.scores.numel() for p in pieces]
-    candidates: list[torch.Tensor | None] = [
-        None if p.eligible is None else p.eligible.reshape(-1).nonzero()[:, 0] for p in pieces
+    if any(n < 0 for n in k):
+        raise ValueError(f"top-k needs k >= 0, got {list(k)}")
+    for p in pieces:
+        if p.offset + p.scores.numel() > 2**_INDEX_BITS:
+            raise ValueError(f"global index {p.offset + p.scores.numel()} exceeds 2**{_INDEX_BITS}")
+    alive = [
+        torch.ones(p.scores.numel(), dtype=torch.bool, device=device)
+        if p.eligible is None
+        else p.eligible.reshape(-1).to(device=device, dtype=torch.bool).clone()
+        for p in pieces
     ]
     want = torch.tensor(list(k), dtype=torch.int64, device=device)
-    if (want < 0).any():
-        raise ValueError(f"top-k needs k >= 0, got {list(k)}")
     available = torch.zeros_like(want)
-    for i, cand in enumerate(candidates):
-        available[groups[i]] += sizes[i] if cand is None else cand.numel()
+    nan = torch.zeros((), dtype=torch.bool, device=device)
+    for g, a, p in zip(groups, alive, pieces):
+        available[g] += a.sum()
+        nan |= torch.isnan(p.scores.detach()).any() if p.scores.is_floating_point() else False
     collectives.all_reduce_sum(available)
-    if (want > available).any():
+    short, has_nan = torch.stack([(want > available).any(), nan]).tolist()  # one host read
+    if has_nan:
+        raise ValueError("NaN in selection scores: the weights or gradients have diverged")
+    if short:
         bad = int(torch.nonzero(want > available)[0, 0])
         raise ValueError(
             f"top-k asked for {int(want[bad])} elements of group {bad}, which has only "
             f"{int(available[bad])} eligible"
         )
-    for p in pieces:
-        if p.offset + p.scores.numel() > 2**_INDEX_BITS:
-            raise ValueError(f"global index {p.offset + p.scores.numel()} exceeds 2**{_INDEX_BITS}")
 
     bits = max((key_bits(p.scores.dtype) for p in pieces), default=32)
     flip = (1 << bits) - 1 if largest else 0  # xor with all-ones reverses the unsigned order
 
-    def value_key(i: int, positions: torch.Tensor | None) -> torch.Tensor:
-        flat = pieces[i].scores.reshape(-1)
-        return ordered_keys(flat if positions is None else flat[positions], bits) ^ flip
+    def value_key(i: int) -> torch.Tensor:
+        return ordered_keys(pieces[i].scores, bits, check_nan=False) ^ flip
 
-    chosen, tied_owed = _radix_smallest(value_key, sizes, groups, candidates, want, bits, collectives)
+    chosen, tied_owed = _radix_smallest(value_key, groups, alive, want, bits, collectives)
     if bool((tied_owed > 0).any()):
-        tied = [torch.arange(n, device=device) if c is None else c for c, n in zip(candidates, sizes)]
-        by_index = _lowest_indices(pieces, tied, tied_owed, collectives)
-        chosen = [a + [b] for a, b in zip(chosen, by_index)]
-    masks = []
-    for p, positions in zip(pieces, chosen):
-        mask = torch.zeros(p.scores.numel(), dtype=torch.bool, device=device)
-        if positions:
-            mask[torch.cat(positions)] = True
-        masks.append(mask.view(p.scores.shape))
-    return masks
+        by_index = _lowest_indices(pieces, alive, tied_owed, collectives)
+        chosen = [a | b for a, b in zip(chosen, by_index)]
+    return [mask.view(p.scores.shape) for p, mask in zip(pieces, chosen)]
