@@ -7,9 +7,9 @@ import os
 
 def detect_parallelism(accelerator, deepspeed_launcher: bool = False) -> str:
     """'deepspeed' under the deepspeed launcher (--deepspeed) or Accelerate's DeepSpeed plugin;
-    'fsdp2' when Accelerate was launched with an FSDP config (on GPUs Accelerate shards the model
-    itself; on CPU, where Accelerate ignores its FSDP plugin, we apply ``fully_shard``); 'ddp' for
-    several processes; else 'single'."""
+    'fsdp2' when Accelerate was launched with an FSDP config (sparse_sup then applies
+    ``fully_shard`` itself, on CPU and GPUs: ``fsdp2_shard_model``); 'ddp' for several processes;
+    else 'single'."""
     from accelerate.utils import DistributedType
 
     if deepspeed_launcher or accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -20,9 +20,3 @@ def detect_parallelism(accelerator, deepspeed_launcher: bool = False) -> str:
         return "fsdp2"
     return "ddp" if accelerator.num_processes > 1 else "single"
 
-
-def accelerate_shards_model(accelerator) -> bool:
-    """True when Accelerate's own FSDP plugin applies ``fully_shard`` in ``prepare()`` (GPUs)."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP

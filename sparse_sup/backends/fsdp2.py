@@ -124,22 +124,98 @@ def fsdp2_mesh_groups(model: torch.nn.Module) -> tuple[dist.ProcessGroup, dist.P
     return mesh.get_group(shard_dims[0]), None
 
 
-def fsdp2_shard_model(model: torch.nn.Module, mesh=None, mp_policy=None) -> torch.nn.Module:
-    """Apply ``fully_shard`` per residual/transformer block, then to the root (torchtitan-style)."""
+def fsdp2_mixed_precision(param_dtype: torch.dtype | None):
+    """(policy for blocks and the root, policy for BatchNorm units) for ``param_dtype`` (None: fp32,
+    no policy). Gradients are reduced in float32 (gloo has no bf16 reduce-scatter on CPU; on GPUs it
+    is the accurate choice). BatchNorm keeps float32 weights next to its float32 running statistics:
+    its inputs are cast to float32 and its outputs back to ``param_dtype`` (FSDP1's default)."""
+    if param_dtype is None or param_dtype == torch.float32:
+        return None, None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    batchnorm = MixedPrecisionPolicy(
+        param_dtype=torch.float32,
+        reduce_dtype=torch.float32,
+        output_dtype=param_dtype,
+        cast_forward_inputs=True,
+    )
+    return policy, batchnorm
+
+
+def fsdp2_shard_model(
+    model: torch.nn.Module,
+    mesh=None,
+    mp_policy=None,
+    param_dtype: torch.dtype | None = None,
+    compile_blocks: bool = False,
+) -> torch.nn.Module:
+    """Apply ``fully_shard`` per residual/transformer block, then to the root (torchtitan-style); the
+    project's own sharding on CPU and GPUs alike (no reliance on Accelerate's wrap policy: timm
+    models have no ``_no_split_modules``). ``param_dtype`` (bf16/fp16): compute in that dtype through
+    ``fsdp2_mixed_precision``, every BatchNorm in its own float32 unit (sharded first: its weights
+    leave the block's unit). ``mp_policy``: one policy for every unit instead (no BatchNorm units).
+    ``compile_blocks``: each block ``torch.compile``-d before it is sharded (torchtitan's order:
+    FSDP's hooks stay outside the compiled graph); refused with BatchNorm units (their FSDP hooks
+    would sit inside the compiled block)."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": mesh} if mesh is not None else {}
+    batchnorm_policy = None
+    if mp_policy is None:
+        mp_policy, batchnorm_policy = fsdp2_mixed_precision(param_dtype)
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for module in list(model.modules()):
-        if module is not model and type(module).__name__ in BLOCK_CLASS_NAMES:
-            fully_shard(module, **kwargs)
+    batchnorms = (
+        [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if batchnorm_policy is not None
+        else []
+    )
+    if compile_blocks and batchnorms:
+        raise ConfigError(
+            f"train.compile under FSDP2 with {param_dtype} mixed precision and BatchNorm "
+            f"({len(batchnorms)} layers): BatchNorm runs in float32 units of its own, whose FSDP hooks "
+            "would sit inside the compiled blocks. Use train.compile=false, precision fp32, or DDP "
+            "(launch/accelerate/ddp-*.yaml), where the whole model is compiled after wrapping"
+        )
+    for bn in batchnorms:
+        fully_shard(bn, **{**kwargs, "mp_policy": batchnorm_policy})
+    # bottom-up: a block inside another block is sharded first
+    blocks = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child).__name__ in BLOCK_CLASS_NAMES
+    ]
+    for parent, name, block in reversed(blocks):
+        if compile_blocks:
+            block = torch.compile(block)
+            parent.register_module(name, block)
+        fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
 
+def fsdp2_describe(model: torch.nn.Module) -> str:
+    """The FSDP units of ``model`` by kind and compute dtype, e.g. "5 units (bfloat16), 9 BatchNorm
+    units (float32)" (logs and tests)."""
+    from collections import Counter
+
+    from torch.distributed.fsdp import FSDPModule
+
+    units = Counter()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            dtype = module._get_fsdp_state()._mp_policy.param_dtype or torch.float32
+            kind = "BatchNorm units" if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) else "units"
+            units[(kind, str(dtype).removeprefix("torch."))] += 1
+    return ", ".join(f"{n} {kind} ({dtype})" for (kind, dtype), n in sorted(units.items(), reverse=True))
+
+
 def check_fsdp2_mixed_precision(model: torch.nn.Module, mixed_precision: str) -> None:
-    """Refuse FSDP2 mixed precision on a model with BatchNorm, before any step. FSDP2's
+    """For a model sharded by Accelerate's FSDP2 plugin (the Trainer's path; the CLI shards with
+    ``fsdp2_shard_model``, BatchNorm in float32 units, and needs no refusal): refuse mixed precision
+    on a model with BatchNorm, before any step. FSDP2's
     ``MixedPrecisionPolicy`` casts every parameter, BatchNorm's affine ones too, to the low dtype
     while BatchNorm's running statistics stay float32, and cuDNN's BatchNorm backward rejects the
     mix (seen on an H200: "Expected running_mean to have type BFloat16 but got Float")."""
@@ -183,6 +259,13 @@ class FSDP2Backend:
         self._step.nonfinite_group = self.shard  # local gradient shards: one flag reduction per step
         if getattr(model, "_sparse_sup_reshard_hook", None) is None:  # once per model
             model._sparse_sup_reshard_hook = model.register_forward_hook(_reshard_after_inference)
+
+    @property
+    def casts_forward(self) -> bool:
+        """Whether the root's ``MixedPrecisionPolicy`` computes in a low dtype (the loop then runs
+        no autocast on top of it)."""
+        state = self.model._get_fsdp_state()
+        return getattr(state._mp_policy, "param_dtype", None) not in (None, torch.float32)
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
         """The sharded parameters (DTensors) by name; resharding first, since an unsharded FSDP

@@ -321,7 +321,8 @@ class TrainConfig:
     log_every: int = 20  # optimizer steps between log lines
     eval_every_epochs: float = 0.0  # 0: evaluate only at P, tickets and S
     skip_nonfinite: bool = True  # skip (and do not count) a step whose gradients are inf/NaN
-    compile: bool = False
+    compile: bool = False  # torch.compile: the wrapped model (one process, DDP) or each block (FSDP2)
+    channels_last: bool = False  # convnets: weights and input batches in channels_last (one process, DDP)
     save_tickets: bool = True
     max_steps: int | None = None  # stop early after this many optimizer steps (debugging)
     # fault injection (tests, debugging): the steps taken with these 0-based indices (applied and

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -117,6 +118,9 @@ class Run:
             scaler=self.scaler,
         )
         self.backend = build_backend(self.model, self.optimizer, self.p.target_names, options)
+        if getattr(self.backend, "casts_forward", False):  # FSDP2's MixedPrecisionPolicy casts itself
+            self.autocast = contextlib.nullcontext
+        self.channels_last = c.train.channels_last
         self.module = self.backend.module
         log.info("parallelism: %s over %d process(es)", self.backend.kind, self.accelerator.num_processes)
         self.engine = SupTicketsEngine.from_config(c, self.p.plan, self.backend, LoopHooks(self))
@@ -405,6 +409,8 @@ class Run:
             # on the device: crop/flip, normalise, erase, mixup (keyed by the data position)
             position = self.engine.step + self.skipped
             images, labels = data.to_device(next(micro), self.device, backend.input_dtype, position)
+            if self.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
             with backend.gradient_sync(a == accum - 1):
                 with self.autocast():
                     logits = backend.model(images)

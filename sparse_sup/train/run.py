@@ -38,6 +38,10 @@ def run_training(
             check_deepspeed_precision(config)
         prepared = prepare(config, resume)
         resolve_report_to(config.train.report_to)  # a tracker that is not installed stops here
+        from ..backends.detect import detect_parallelism
+        from .wrap import check_wrap_options
+
+        check_wrap_options(config, detect_parallelism(accelerator, deepspeed_launcher=bool(deepspeed_config)))
         from ..backends.deepspeed_config import fill_deepspeed_config
 
         if deepspeed_config:

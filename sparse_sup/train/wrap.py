@@ -3,19 +3,62 @@ the prepared model's type (``build_backend``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import torch
 
-from ..backends.detect import accelerate_shards_model, detect_parallelism
-from ..backends.fsdp2 import check_fsdp2_mixed_precision, fsdp2_shard_model
+from ..backends.detect import detect_parallelism
+from ..backends.fsdp2 import fsdp2_describe, fsdp2_shard_model
+from ..config import Config, ConfigError
 from .optim import build_optimizer
 from .setup import Prepared
+
+log = logging.getLogger(__name__)
+SGD_NAMES = ("sgd", "momentum", "nesterov")  # the optimizer names that build torch.optim.SGD
+LOW_PRECISION = {"bf16": torch.bfloat16}  # FSDP2 computes in these through its MixedPrecisionPolicy
+
+
+def check_wrap_options(config: Config, parallelism: str) -> None:
+    """Refuse what the chosen engine cannot do with ``train.compile`` / ``train.channels_last``,
+    before anything is written (``ConfigError``, exit 2)."""
+    c = config.train
+    if c.compile and parallelism == "deepspeed":
+        raise ConfigError(
+            "train.compile=true under DeepSpeed: the DeepSpeedEngine wraps the model and runs the "
+            "sparse step inside backward; sparse_sup does not compile it (DeepSpeed's own "
+            "engine.compile() is untested with masks). Use train.compile=false, or DDP/FSDP2"
+        )
+    if parallelism == "fsdp2" and config.optim.fused and config.optim.name.lower() in SGD_NAMES:
+        raise ConfigError(
+            f"optim.fused=true with {config.optim.name} under FSDP2: torch has no fused SGD kernel for "
+            "sharded (DTensor) parameters. Use optim.fused=null (foreach SGD), or fused adamw"
+        )
+    if c.channels_last and parallelism in ("deepspeed", "fsdp2"):
+        raise ConfigError(
+            f"train.channels_last=true under {parallelism}: sharded engines flatten parameters in "
+            "row-major order and need contiguous weights. Use channels_last with one process or DDP"
+        )
+
+
+def fsdp2_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The optimizer over DTensor parameters. torch has no DTensor kernel for fused SGD
+    (``aten._fused_sgd_``: "no sharding strategy registered"; fused Adam/AdamW have one): where
+    ``optim.fused`` was left to its default, SGD runs foreach; asked for explicitly, refused."""
+    optimizer = build_optimizer(model, config.optim)
+    if isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("fused"):
+        optimizer = build_optimizer(model, dataclasses.replace(config.optim, fused=False))
+    return optimizer
 
 
 def wrap_model(prepared: Prepared, accelerator) -> tuple[torch.nn.Module, object]:
     """(prepared model, optimizer): a ``DeepSpeedEngine`` under the deepspeed launcher or
-    Accelerate's DeepSpeed plugin, a ``fully_shard``-ed module for FSDP2, else Accelerate's DDP /
-    single-process wrap (optionally ``torch.compile``-d)."""
+    Accelerate's DeepSpeed plugin; for FSDP2 the model sharded here per block (CPU and GPUs alike),
+    BatchNorm in float32 units under bf16, blocks compiled before sharding (``train.compile``);
+    else Accelerate's DDP / single-process wrap, then ``torch.compile`` of the wrapped model."""
     c, model = prepared.config, prepared.model
+    parallelism = "deepspeed" if prepared.deepspeed_config is not None else detect_parallelism(accelerator)
+    check_wrap_options(c, parallelism)
     if prepared.deepspeed_config is not None:  # the deepspeed launcher: DeepSpeed wraps the model
         import deepspeed
 
@@ -23,11 +66,20 @@ def wrap_model(prepared: Prepared, accelerator) -> tuple[torch.nn.Module, object
             model=model, optimizer=build_optimizer(model, c.optim), config=prepared.deepspeed_config
         )
         return engine, optimizer
-    if detect_parallelism(accelerator) == "fsdp2":
-        if not accelerate_shards_model(accelerator):
-            fsdp2_shard_model(model)  # Accelerate ignores its FSDP plugin on CPU: shard here
-            return model, accelerator.prepare(build_optimizer(model, c.optim))  # params are DTensors now
-        check_fsdp2_mixed_precision(model, accelerator.mixed_precision)
-    if c.train.compile:
+    if c.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        log.info("channels_last: weights and input batches")
+    if parallelism == "fsdp2":
+        if torch.cuda.is_available():
+            model = model.to(accelerator.device)
+        param_dtype = LOW_PRECISION.get(c.train.precision)
+        fsdp2_shard_model(model, param_dtype=param_dtype, compile_blocks=c.train.compile)
+        log.info("FSDP2: %s", fsdp2_describe(model))
+        # the optimizer over the DTensor parameters; not handed to Accelerate: on GPUs its FSDP2
+        # prepare() wants the model too and would shard it again with its own policy
+        return model, fsdp2_optimizer(model, c)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, c.optim))
+    if c.train.compile:  # after DDP's wrap (its bucketing splits the graph), the usual order
         model = torch.compile(model)
-    return accelerator.prepare(model, build_optimizer(model, c.optim))
+        log.info("torch.compile: the %s model", "DDP-wrapped" if hasattr(model, "no_sync") else "whole")
+    return model, optimizer
