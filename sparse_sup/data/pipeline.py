@@ -5,10 +5,10 @@ optimizer step by ``(seed, step)`` -- so a global batch comes out the same at an
 accumulation and worker count.
 
 Mixup pairs: timm's ``Mixup`` mixes a batch with its reverse (``x.flip(0)``), which would pair samples
-across whatever the local micro-batch happens to be. Here the micro-batch is reordered so that
-the reverse pairs each even position ``2k`` of the global batch with ``2k+1``; one ``Mixup`` call
-(one ``lam``, one cutmix box per step, drawn from the step key) then mixes exactly the same pairs at
-any world size, and the batch is put back in order.
+across whatever the local micro-batch happens to be. Here position ``2k`` of the global batch is
+mixed with ``2k+1`` (a micro-batch is a contiguous, even slice of it), with timm's draws (``lam``,
+mixup or cutmix, the box: one per optimizer step, from the step key) and timm's soft targets, so
+exactly the same pairs are mixed at any world size.
 """
 
 from __future__ import annotations
@@ -50,23 +50,42 @@ class KeyedMixup:
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix ``images`` (float, in place) and return soft targets. timm draws ``lam`` (and the
+        cutmix box) from NumPy seeded by ``(seed, step)``; the pair of position ``2k`` is ``2k+1``."""
+        from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
+
         b = len(images)
         if b % 2:
             raise ValueError(
                 f"mixup/cutmix need an even micro-batch (samples are mixed in pairs), got {b}: choose "
                 "schedule.batch_size divisible by 2 * world size * grad_accum_steps"
             )
-        # [0, 2, 4, ..., 5, 3, 1]: flip(0) of this order pairs 2k with 2k+1
-        order = torch.cat([torch.arange(0, b, 2), torch.arange(b - 1, 0, -2)]).to(images.device)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(b, device=order.device)
+        m = self.mixup
         state = np.random.get_state()
         np.random.seed(mix32(self.seed, step, _MIX_SALT))
         try:
-            x, y = self.mixup(images[order].contiguous(), labels[order])
+            lam, use_cutmix = m._params_per_batch()  # timm's draw (mix_prob, switch_prob, beta)
+            if lam != 1.0 and use_cutmix:
+                (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
+                    images.shape, lam, ratio_minmax=m.cutmix_minmax, correct_lam=m.correct_lam
+                )
         finally:
             np.random.set_state(state)
-        return x[inverse], y[inverse]
+        pairs = images.view(b // 2, 2, *images.shape[1:])
+        if lam != 1.0:
+            if use_cutmix:  # the box of each sample comes from its partner
+                box = pairs[..., yl:yh, xl:xh]
+                box.copy_(box.flip(1))
+            else:  # lam * x + (1 - lam) * partner, copying half the batch rather than all of it
+                first = pairs[:, 0].clone()
+                pairs[:, 0].lerp_(pairs[:, 1], 1.0 - lam)
+                pairs[:, 1].lerp_(first, 1.0 - lam)
+        # timm's targets pair i with b-1-i: feed it the order whose reverse pairs 2k with 2k+1
+        order = torch.cat([torch.arange(0, b, 2), torch.arange(b - 1, 0, -2)]).to(labels.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(b, device=order.device)
+        targets = mixup_target(labels[order], m.num_classes, lam, m.label_smoothing)
+        return images, targets[inverse]
 
 
 class TrainInput:

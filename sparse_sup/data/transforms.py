@@ -77,26 +77,37 @@ def crop_flip_batch(images: torch.Tensor, keys: torch.Tensor, padding: int = 4) 
 
 
 class Normalize:
-    """uint8 [..., C, H, W] -> float32 ``(x/255 - mean) / std``."""
+    """uint8 [..., C, H, W] -> float32 ``(x/255 - mean) / std``, computed as ``x * 1/(255 std) -
+    mean/std`` (two in-place passes after the cast instead of three; within an ulp of the other order)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
+        self.mean, self.std = mean_t.float(), std_t.float()
+        self.scale, self.shift = (1 / (255 * std_t)).float(), (-mean_t / std_t).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean.device != x.device:  # images kept on the GPU
+        if self.scale.device != x.device:  # images kept on the GPU
             self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+            self.scale, self.shift = self.scale.to(x.device), self.shift.to(x.device)
+        return x.to(torch.float32).mul_(self.scale).add_(self.shift)
 
 
 @contextlib.contextmanager
 def keyed_rng(key: int, device: torch.device | None = None) -> Iterator[None]:
     """Seed Python's ``random``, NumPy's global RNG and torch's CPU generator (and ``device``'s, if
     it is an accelerator) with ``key``; restore all of them afterwards. timm's transforms draw from
-    all three, so a transform called inside is a pure function of the key."""
+    all three, so a transform called inside is a pure function of the key. In a DataLoader worker
+    nothing else draws from them, so the (costly: ~0.1 ms) save and restore are left out there."""
     key &= 0xFFFFFFFF
-    py, np_state = random.getstate(), np.random.get_state()
     accel = device is not None and device.type != "cpu"
+    if not accel and torch.utils.data.get_worker_info() is not None:
+        random.seed(key)
+        np.random.seed(key)
+        torch.default_generator.manual_seed(key)
+        yield
+        return
+    py, np_state = random.getstate(), np.random.get_state()
     module = torch.get_device_module(device.type) if accel else None
     index = (device.index if device.index is not None else module.current_device()) if accel else None
     with torch.random.fork_rng(devices=[index] if accel else [], device_type=device.type if accel else None):
@@ -202,7 +213,12 @@ class KeyedErasing:
             self._by_device[device] = RandomErasing(self.probability, mode=self.mode, device=device)
         erase = self._by_device[device]
         for image, key in zip(images, keys.tolist(), strict=True):
-            with keyed_rng(mix32(key, _ERASE_SALT), device):
+            key = mix32(key, _ERASE_SALT)
+            # timm's first draw decides whether to erase at all: read it from a private generator
+            # seeded alike (the same value) and skip the costlier keyed_rng for the samples it spares
+            if random.Random(key).random() > self.probability:
+                continue
+            with keyed_rng(key, device):
                 erase(image)  # in place on the [C,H,W] view
         return images
 

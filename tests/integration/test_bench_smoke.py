@@ -154,3 +154,13 @@ def test_resnet32_cifar_is_the_benchmark_model():
     assert len(names) == 34  # stem, 30 block convs, 2 1x1 shortcuts, classifier
     assert sum(params[n].numel() for n in names) == 464_432
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_input_pipeline_smoke():
+    """bench/input_pipeline.py: both pipelines timed, CPU cost and wall-clock tables printed."""
+    out = run_script("bench/input_pipeline.py", "--smoke")
+    cost = {r[0]: r for r in table_rows(out, "sparse_sup") + table_rows(out, "timm create_loader")}
+    assert set(cost) == {"sparse_sup", "timm create_loader"}
+    assert all(positive(c) for r in cost.values() for c in r[1:])
+    (row,) = table_rows(out, "1")[:1]
+    assert_printed_ratio(row[5], row[1], row[3])

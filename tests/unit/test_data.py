@@ -326,6 +326,11 @@ def test_randaugment_erasing_mixup_independent_of_world_size_and_workers(small_t
     ref = _global_batches(ds, world=1, accum=1, workers=0, steps=3, mixup=0.8)
     assert torch.equal(torch.get_rng_state(), state[0]) and np.array_equal(np.random.get_state()[1], state[1])
     got = _global_batches(ds, world=2, accum=2, workers=2 if style == "imagenet" else 0, steps=3, mixup=0.8)
+    host = next(
+        iter(TrainInput(ds, 10).loader([[(0, i) for i in range(4)]], 2 if style == "imagenet" else 0))
+    )
+    assert host[0].dtype == torch.uint8 and host[0].shape == (4, 3, 32, 32)  # workers ship uint8
+    assert host[2].tolist() == [sample_key(5, 0, i) for i in range(4)]
     for (x1, y1), (x2, y2) in zip(ref, got, strict=True):
         assert x1.shape == (8, 3, 32, 32) and y1.shape == (8, 10)
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -371,3 +376,24 @@ def test_timm_policy_posterize_to_zero_bits_does_not_crash():
     image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     assert np.asarray(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)).max() == 0
     assert np.asarray(AugmentOp("Posterize", prob=1.0, magnitude=10)(image)).max() == 192  # 4 bits kept
+
+
+def test_keyed_erasing_is_timm_random_erasing_under_each_sample_key():
+    """KeyedErasing == timm's RandomErasing called per sample inside keyed_rng(its key): the shortcut
+    that skips spared samples changes nothing, and about re_prob of the samples are erased."""
+    from timm.data.random_erasing import RandomErasing
+
+    from sparse_sup.data import KeyedErasing, keyed_rng
+    from sparse_sup.data.transforms import _ERASE_SALT
+
+    images = torch.randn(64, 3, 16, 16)
+    keys = torch.arange(1000, 1064)
+    got = KeyedErasing(0.25)(images.clone(), keys)
+    timm_erase = RandomErasing(0.25, mode="pixel", device="cpu")
+    expected = images.clone()
+    for image, key in zip(expected, keys.tolist(), strict=True):
+        with keyed_rng(mix32(key, _ERASE_SALT)):
+            timm_erase(image)
+    assert torch.equal(got, expected)
+    erased = sum(not torch.equal(a, b) for a, b in zip(got, images, strict=True))
+    assert 5 <= erased <= 30  # ~16 of 64
