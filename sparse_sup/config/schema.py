@@ -323,6 +323,8 @@ class TrainConfig:
     skip_nonfinite: bool = True  # skip (and do not count) a step whose gradients are inf/NaN
     compile: bool = False  # torch.compile: the wrapped model (one process, DDP) or each block (FSDP2)
     channels_last: bool = False  # convnets: weights and input batches in channels_last (one process, DDP)
+    ema: bool = False  # EMA of the weights (timm ModelEmaV3) inside the masks, evaluated beside
+    ema_decay: float = 0.9998  # horizon ~ 1 / (1 - decay) optimizer steps
     save_tickets: bool = True
     max_steps: int | None = None  # stop early after this many optimizer steps (debugging)
     # fault injection (tests, debugging): the steps taken with these 0-based indices (applied and
@@ -341,6 +343,7 @@ class TrainConfig:
         for tracker in self.report_to or ():
             _choice("train.report_to", tracker, ("tensorboard", "trackio", "wandb", "mlflow", "none"))
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _check(0 < self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in (0, 1)")
         _check(
             self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1"
         )

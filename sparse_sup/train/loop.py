@@ -24,6 +24,7 @@ from ..data import GlobalBatchSampler
 from ..engine import EngineHooks, SupTicketsEngine
 from ..progress import progress_enabled
 from ..results import final_label, run_summary
+from .ema import build_ema, record_ema
 from .logs import MetricsWriter, setup_logging, truncate_metrics
 from .model_ops import evaluate_model, recalibrate_model_bn
 from .setup import Prepared
@@ -125,6 +126,7 @@ class Run:
         log.info("parallelism: %s over %d process(es)", self.backend.kind, self.accelerator.num_processes)
         self.engine = SupTicketsEngine.from_config(c, self.p.plan, self.backend, LoopHooks(self))
         self.engine.init_masks()
+        self.ema = build_ema(c.train, self.backend, self.engine.masks.masks)  # train.ema (ema.py)
         counts = self.engine.masks.counts
         log.info(
             "layer densities: %s",
@@ -193,6 +195,7 @@ class Run:
             "loop": {"results": self.results, "skipped": self.skipped},
             "buffers": {n: b.detach().clone() for n, b in self.module.named_buffers()},
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": torch.get_rng_state(),
             # dropout / drop-path draw from the device's generator when the model is on a GPU
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
@@ -219,6 +222,8 @@ class Run:
         with torch.no_grad():  # this rank's own buffers (rank 0's at another world size)
             for name, buffer in self.module.named_buffers():
                 buffer.copy_(state["buffers"][name])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
@@ -261,6 +266,8 @@ class Run:
             result["density"],
         )
         self.metrics.write(event="eval", label=label, **result)
+        if self.ema is not None and (label == "P" or label.startswith("T_")):  # the live trajectory
+            record_ema(self, label)
         if snapshot and self.config.train.save_tickets:
             masks = engine.masks.masks if masks is None else masks
             meta = {"label": label, "step": engine.step, "world_size": self.accelerator.num_processes}
@@ -332,6 +339,8 @@ class Run:
                 window_loss += loss
                 window_n, unresolved = window_n + 1, unresolved + defer
                 bar.update(1)
+                if self.ema is not None:  # after the step's mask work: EMA kept inside the masks
+                    self.ema.update(self.module, engine.masks.masks)
                 if not defer:
                     next_host_step = self._next_host_step(last_step)
                 if engine.step % c.train.log_every == 0 or engine.step == last_step:
@@ -431,6 +440,8 @@ class Run:
         final = self.evaluate()
         final.update(step=engine.step, density=engine.masks.density(engine.targets))
         self.results["final"] = final
+        if self.ema is not None:
+            record_ema(self, "final")
         label = final_label(engine)  # S_M, or the training model where train.max_steps stopped it
         log.info(
             "final model (%s): accuracy %.2f%%, density %.4f",
