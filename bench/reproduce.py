@@ -374,6 +374,7 @@ def main() -> None:
     ap.add_argument(
         "--schedules", default=None, help="comma-separated subset of the tier's schedules to run first"
     )
+    ap.add_argument("--seeds", default=None, help="comma-separated subset of the tier's seeds to run")
     ap.add_argument("--aggregate-only", action="store_true", help="write the doc from finished runs")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = ap.parse_args()
@@ -392,7 +393,8 @@ def main() -> None:
             ap.error(
                 f"--schedules {','.join(unknown)}: not in tier {tier_name} ({', '.join(tier.schedules)})"
             )
-        todo = [s for s in specs if s.schedule in chosen]
+        seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
+        todo = [s for s in specs if s.schedule in chosen and (seeds is None or s.seed in seeds)]
         print(f"{len(todo)} runs, {args.jobs} at a time, into {out}", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for status in pool.map(lambda s: execute(s, tier, args.threads), todo):
