@@ -9,10 +9,12 @@ concatenation in global-index order, whatever the sharding.
 How: scores are mapped to order-preserving unsigned integer keys and the k-th key is found by a
 radix descent, 8 bits at a time. Each pass all-reduces one [groups, 256] count histogram, so ranks
 exchange O(groups * 256) integers, never tensor data. Exact ties at the threshold are broken by a
-second radix descent over the global index. Candidates are boolean masks over the local pieces,
-never compacted (a compaction reads a size back per piece): no host read inside a pass, one per
-pass to stop early, one to validate the request and one to decide on the tie-break. Extra memory:
-~3 bytes per local element (candidates, selection, the pass's digits).
+second radix descent over the global index. Host reads: one to validate the request, one per
+radix pass (whether to go on, and how many candidates each piece keeps: candidates are masks within
+a pass and are compacted after it with ``nonzero_static``, which needs no read of its own; a
+compaction per piece by boolean indexing read a size each), one for the tie-break.
+Extra memory is O(local piece): candidates shrink to ~1/256 after the first pass on continuous
+data.
 """
 
 from __future__ import annotations
@@ -63,6 +65,24 @@ def ordered_keys(scores: torch.Tensor, bits: int, check_nan: bool = True) -> tor
     return signed_order ^ sign  # flip the sign bit: signed order -> unsigned order
 
 
+def _search_keys(scores: torch.Tensor, bits: int, largest: bool) -> torch.Tensor:
+    """Keys whose unsigned order over ``bits`` bits is the selection order (ascending for the
+    smallest, reversed for the largest): ``ordered_keys`` (xor all-ones for ``largest``), kept in
+    int32 for 32-bit keys (the bit pattern of the unsigned key; digits are read with shifts and a
+    uint8 cast), which halves the memory traffic of the first, full pass."""
+    if bits == 64:
+        return ordered_keys(scores, 64, check_nan=False) ^ (-1 if largest else 0)
+    raw = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)  # -0.0 -> +0.0
+    signed_order = torch.where(raw < 0, raw ^ (2**31 - 1), raw)
+    # unsigned key = signed_order ^ 0x80000000; reversed: ^ 0xFFFFFFFF more, i.e. ^ 0x7FFFFFFF
+    return signed_order ^ (2**31 - 1 if largest else -(2**31))
+
+
+def _digits(keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """Bits [shift, shift + 8) of each key as uint8 (the cast keeps the low 8 bits)."""
+    return (keys >> shift if shift else keys).to(torch.uint8)
+
+
 def _histogram(
     num_groups: int, groups: Sequence[int], digits: list[torch.Tensor], alive: list[torch.Tensor], device
 ) -> torch.Tensor:
@@ -82,28 +102,47 @@ def _pivot(hist: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, t
     return pivot, below
 
 
+def _compact(alive: list[torch.Tensor], positions: list[torch.Tensor | None], counts: list[int]) -> None:
+    """Replace each piece's candidates by the alive ones (ascending positions), in place. Sizes are
+    known (``counts``, read with the pass's one read): ``nonzero_static`` reads nothing more."""
+    for i, n in enumerate(counts):
+        keep = torch.nonzero_static(alive[i], size=n)[:, 0]
+        positions[i] = keep if positions[i] is None else positions[i][keep]
+        alive[i] = torch.ones(n, dtype=torch.bool, device=keep.device)
+
+
+def _mark(selected: torch.Tensor, positions: torch.Tensor | None, chosen: torch.Tensor) -> None:
+    """selected[positions] |= chosen (positions: None for every position; unique otherwise)."""
+    if positions is None:
+        selected |= chosen
+    else:
+        selected.index_put_((positions,), chosen | selected[positions])
+
+
 def _radix_smallest(
-    key_at: Callable[[int], torch.Tensor],
+    key_at: Callable[[int, torch.Tensor | None], torch.Tensor],
+    sizes: Sequence[int],
     groups: Sequence[int],
     alive: list[torch.Tensor],
     remaining: torch.Tensor,
     bits: int,
     collectives: Collectives,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per group g, select the ``remaining[g]`` alive elements with the smallest key.
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    """Per group g, select the ``remaining[g]`` candidates with the smallest key.
 
-    ``alive[i]`` (bool, flat) marks the candidates of piece i; ``key_at(i)`` gives piece i's keys.
-    Returns the selected elements per piece (bool, flat) and, per group, how many are still owed
-    because of exact key ties; the tied elements are left marked in ``alive`` (replaced).
-    Candidates are masks, never compacted index lists (compaction reads a size per piece): one
-    host read per pass, whether any group still owes elements.
+    ``alive[i]`` (bool, flat) marks the candidates of piece i; ``key_at(i, positions)`` gives piece
+    i's keys there (None: all). Returns the selection per piece (bool, flat, piece-sized), per group
+    how many are still owed because of exact key ties, and the tied candidates' positions.
+    Within a pass, candidates are masks (no host read); after it one read says whether any group
+    still owes and how many candidates each piece keeps, and they are compacted with
+    ``nonzero_static`` (~1/256 left after the first pass on continuous data).
     """
     num_groups = remaining.numel()
     device = remaining.device
-    selected = [torch.zeros_like(a) for a in alive]
+    selected = [torch.zeros(n, dtype=torch.bool, device=device) for n in sizes]
+    positions: list[torch.Tensor | None] = [None] * len(sizes)
     for shift in range(bits - 8, -1, -8):
-        # kept per piece as 1 byte per element (keys are recomputed each pass, one piece at a time)
-        digits = [((key_at(i) >> shift) & 0xFF).to(torch.uint8) for i in range(len(alive))]
+        digits = [_digits(key_at(i, positions[i]), shift) for i in range(len(sizes))]
         hist = _histogram(num_groups, groups, digits, alive, device)
         collectives.all_reduce_sum(hist)
         pivot, below = _pivot(hist, remaining)
@@ -112,14 +151,15 @@ def _radix_smallest(
         resolved = (at_pivot == remaining) | (remaining == 0)
         take_tied = resolved & (remaining > 0)  # every candidate at the pivot is selected
         for i, (g, d) in enumerate(zip(groups, digits)):
-            selected[i] |= alive[i] & (d < pivot[g])
             at = alive[i] & (d == pivot[g])
-            selected[i] |= at & take_tied[g]
+            _mark(selected[i], positions[i], (alive[i] & (d < pivot[g])) | (at & take_tied[g]))
             alive[i] = at & ~resolved[g]
         remaining = torch.where(resolved, torch.zeros_like(remaining), remaining)
-        if not bool((remaining > 0).any()):  # the pass's one host read
+        owing, *counts = torch.stack([(remaining > 0).any().long(), *[a.sum() for a in alive]]).tolist()
+        _compact(alive, positions, counts)  # the pass's one host read, just above
+        if not owing:
             break
-    return selected, remaining
+    return selected, remaining, positions
 
 
 def _lowest_indices(
@@ -128,27 +168,31 @@ def _lowest_indices(
     owed: torch.Tensor,
     collectives: Collectives,
 ) -> list[torch.Tensor]:
-    """Per group g, the ``owed[g]`` tied elements (bool masks, flat) with the lowest global index:
-    a radix descent over the 48-bit index, no host read."""
+    """Per group g, the ``owed[g]`` tied candidates with the lowest global index, as piece-sized
+    bool masks; no host read. ``tied[i]`` are ascending positions in piece i, so counts below any
+    boundary come from ``searchsorted``: a radix descent over the index costs O(256 log n) per
+    piece and pass."""
     num_groups = owed.numel()
     device = owed.device
-    global_index = [torch.arange(t.numel(), device=device) + p.offset for t, p in zip(tied, pieces)]
-    groups = [p.group for p in pieces]
+    global_index = [t + p.offset for t, p in zip(tied, pieces)]
     prefix = torch.zeros(num_groups, dtype=torch.int64, device=device)
     owed = owed.clone()
     for shift in range(_INDEX_BITS - 8, -1, -8):
-        digits = [(gi >> shift) & 0xFF for gi in global_index]
-        in_prefix = [
-            t & ((gi >> (shift + 8)) == (prefix[g] >> (shift + 8)))
-            for t, gi, g in zip(tied, global_index, groups)
-        ]
-        hist = _histogram(num_groups, groups, digits, in_prefix, device)
+        edges = prefix[:, None] + (torch.arange(_BINS + 1, device=device) << shift)[None, :]
+        hist = torch.zeros(num_groups, _BINS, dtype=torch.int64, device=device)
+        for p, gi in zip(pieces, global_index):
+            hist[p.group] += torch.searchsorted(gi, edges[p.group]).diff()
         collectives.all_reduce_sum(hist)
         pivot, below = _pivot(hist, owed)
         owed -= below
         prefix += pivot << shift
     # prefix[g] is now the global index of the last element owed (or 0 where none was owed)
-    return [t & (gi <= prefix[g]) & (owed[g] > 0) for t, gi, g in zip(tied, global_index, groups)]
+    masks = []
+    for p, t, gi in zip(pieces, tied, global_index):
+        mask = torch.zeros(p.scores.numel(), dtype=torch.bool, device=device)
+        mask.index_put_((t,), (gi <= prefix[p.group]) & (owed[p.group] > 0))
+        masks.append(mask)
+    return masks
 
 
 def top_k_masks(
@@ -194,13 +238,17 @@ def top_k_masks(
         )
 
     bits = max((key_bits(p.scores.dtype) for p in pieces), default=32)
-    flip = (1 << bits) - 1 if largest else 0  # xor with all-ones reverses the unsigned order
 
-    def value_key(i: int) -> torch.Tensor:
-        return ordered_keys(pieces[i].scores, bits, check_nan=False) ^ flip
+    def value_key(i: int, positions: torch.Tensor | None) -> torch.Tensor:
+        flat = pieces[i].scores.reshape(-1)
+        return _search_keys(flat if positions is None else flat[positions], bits, largest)
 
-    chosen, tied_owed = _radix_smallest(value_key, groups, alive, want, bits, collectives)
-    if bool((tied_owed > 0).any()):
-        by_index = _lowest_indices(pieces, alive, tied_owed, collectives)
+    sizes = [p.scores.numel() for p in pieces]
+    chosen, tied_owed, positions = _radix_smallest(
+        value_key, sizes, groups, alive, want, bits, collectives
+    )
+    if bool((tied_owed > 0).any()):  # the tied candidates: compacted after the last pass
+        tied = [torch.arange(n, device=device) if t is None else t for t, n in zip(positions, sizes)]
+        by_index = _lowest_indices(pieces, tied, tied_owed, collectives)
         chosen = [a | b for a, b in zip(chosen, by_index)]
     return [mask.view(p.scores.shape) for p, mask in zip(pieces, chosen)]
