@@ -160,7 +160,7 @@ class _MainProcessLoader:
     def __iter__(self) -> Iterator[HostBatch]:
         for keys in self.batch_sampler:
             images, labels, skeys = self.dataset.raw_batch(keys)
-            if self.pin_memory:
+            if self.pin_memory and images.device.type == "cpu":  # not for images kept on the GPU
                 images, labels, skeys = images.pin_memory(), labels.pin_memory(), skeys.pin_memory()
             yield images, labels, skeys
 
