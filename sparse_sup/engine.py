@@ -1,6 +1,7 @@
-"""The phase machine of Sup-tickets: when to update topology, when cycles start and end, and the
-superposition side chain. It sees the model only through a ``Backend`` (``backends/base.py``);
-data-dependent work (evaluation, BN recalibration passes, saving) is delegated to ``EngineHooks``.
+"""The phase machine of Sup-tickets: when to update topology, when cycles start and end, and when
+the superposition side chain (``tickets.bank``) takes a ticket. It sees the model only through a
+``Backend`` (``backends/base.py``); data-dependent work (evaluation, BN recalibration passes,
+saving) is delegated to ``EngineHooks`` (``hooks.py``).
 
 Call order per optimizer step (only real steps count):
     backward(s) ... -> engine.before_optimizer_step() -> clip -> optimizer.step()
@@ -22,7 +23,9 @@ from .core import invariants
 from .core.masks import MaskState
 from .core.targets import Target
 from .core.topology import drop_and_grow, global_prune
+from .hooks import EngineHooks
 from .methods import create_method
+from .tickets.bank import TicketBank
 from .tickets.superpose import SuperpositionChain
 from .timeline import Timeline
 
@@ -31,24 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-class EngineHooks:
-    """Called by the engine at phase events; the training loop overrides what it needs."""
-
-    def on_phase1_end(self, engine: SupTicketsEngine) -> None:
-        """The model holds P, the end of phase 1."""
-
-    def on_ticket(self, engine: SupTicketsEngine, index: int) -> None:
-        """The model holds ticket T_index (0-based), at the cycle's LR minimum."""
-
-    def recalibrate_bn(self, engine: SupTicketsEngine) -> None:
-        """Recompute BN statistics of the model as it is now (it holds S_i)."""
-
-    def on_superposed(self, engine: SupTicketsEngine, index: int) -> None:
-        """The model holds S_{index+1} (re-pruned and recalibrated); it is swapped back after."""
-
-    def on_topology_update(self, engine: SupTicketsEngine, kind: str, swapped: dict[str, int]) -> None:
-        """A mask change happened (kind: update, reexplore, prune)."""
+__all__ = ["EngineHooks", "SupTicketsEngine"]
 
 
 class SupTicketsEngine:
@@ -75,7 +61,7 @@ class SupTicketsEngine:
         self.step = 0  # optimizer steps completed
         self.targets: list[Target] = backend.targets()
         self.masks: MaskState | None = None
-        self.chain: SuperpositionChain | None = None
+        self.bank = TicketBank(tickets, backend)  # the superposition side chain S
         self.num_tickets = 0
         self._grad_scores: dict[str, torch.Tensor] | None = None
         backend.attach(self)  # DeepSpeed runs this engine inside its own optimizer step
@@ -118,11 +104,13 @@ class SupTicketsEngine:
         """k = floor(d_final * N), the number of target weights S keeps."""
         return math.floor(self.sparse.density * self.total_target_weights)
 
+    @property
+    def chain(self) -> SuperpositionChain | None:
+        return self.bank.chain
+
     def chain_density(self) -> float:
-        """Density of S's target masks (global: local counts all-reduced over the shard group)."""
-        kept = torch.stack([m.sum() for m in self.chain.masks.values()]).sum().to(torch.int64).reshape(1)
-        self.backend.shard.all_reduce_sum(kept)
-        return int(kept) / self.total_target_weights
+        """Density of S's target masks (global)."""
+        return self.bank.density(self.total_target_weights)
 
     # ---- schedules (the timeline's, at the engine's step by default) ---------------------
     def lr(self, step: int | None = None) -> float:
@@ -175,7 +163,7 @@ class SupTicketsEngine:
         if completed == self.plan.pre_steps:
             self._apply_mask_events([e for e in events if e == "prune"], completed)
             if self.plan.num_cycles and self.tickets.include_phase1_model:
-                self._merge_into_chain()
+                self.bank.merge()
             self.hooks.on_phase1_end(self)
         ended = self.phases.cycle_end(completed)
         if ended is not None:
@@ -210,55 +198,30 @@ class SupTicketsEngine:
                     self._grad_scores,
                 )
             self.backend.refresh_model_weights()
-            if self.sparse.check_ranks:
-                self._check_rank_agreement(event, completed)
+            if self.sparse.check_ranks:  # debug: every data-parallel replica holds the same masks
+                invariants.check_rank_agreement(
+                    self.masks, self.targets, self.backend.data_parallel, f"{event} at step {completed}"
+                )
             self.hooks.on_topology_update(self, event, swapped)
 
-    def _check_rank_agreement(self, event: str, completed: int) -> None:
-        """Debug: every data-parallel replica must hold the same masks."""
-        mine = torch.tensor([self.masks.checksum(self.targets)], dtype=torch.float64)
-        total = mine.clone()
-        self.backend.data_parallel.all_reduce_sum(total)
-        if float(total) != float(mine) * self.backend.data_parallel.world_size:
-            raise RuntimeError(f"masks differ across ranks after {event} at step {completed}")
-
     # ---- tickets and superposition ------------------------------------------------------
-    def _new_chain(self) -> SuperpositionChain:
-        return SuperpositionChain(self.tickets.merge, self.tickets.ema_ticket_weight)
-
-    def _merge_into_chain(self) -> None:
-        if self.chain is None:
-            self.chain = self._new_chain()
-        self.chain.merge(self.backend.state_tensors())
-
     def _make_ticket(self, index: int) -> None:
         self.num_tickets = index + 1
         log.info("ticket T_%d ready at step %d", index + 1, self.step)
         self.hooks.on_ticket(self, index)
-        self._merge_into_chain()
+        self.bank.merge()
         if self.tickets.reprune == "every" or index == self.plan.num_cycles - 1:
             self.chain.reprune(self.targets, self.final_keep, self.backend.shard)
-        tensors = self.backend.state_tensors()
-        self.chain.swap(tensors)  # the model holds S_i; training continues on T_i after the swap back
-        self.backend.refresh_model_weights()
-        try:
+        with self.bank.holding_superposed():  # the model holds S_i; training continues on T_i after
             if self.tickets.bn_recalibration:
                 self.hooks.recalibrate_bn(self)
             self.hooks.on_superposed(self, index)
-        finally:
-            self.chain.swap(tensors)
-            self.backend.refresh_model_weights()
 
     def _finish(self) -> None:
         """The final model is S_M: install its tensors and masks in place."""
         if self.chain is None or self.num_tickets == 0:
             return
-        self.chain.swap(self.backend.state_tensors())
-        for name, mask in self.chain.masks.items():
-            self.masks.masks[name].copy_(mask)
-        self.masks.recount()
-        self.masks.apply(self.targets)  # optimizer state outside S's masks belongs to no weight
-        self.backend.refresh_model_weights()
+        self.bank.install(self.masks, self.targets)
         log.info(
             "final model is S_%d: %d target weights kept (density %.4f)",
             self.num_tickets,
@@ -275,7 +238,7 @@ class SupTicketsEngine:
             "num_tickets": self.num_tickets,
             "targets": [t.name for t in self.targets],
             "masks": self.masks.state_dict(),
-            "chain": None if self.chain is None else self.chain.state_dict(),
+            "chain": self.bank.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,12 +257,7 @@ class SupTicketsEngine:
         else:
             self.masks.load_state_dict(state["masks"])
         self.step, self.num_tickets = state["step"], state["num_tickets"]
-        self.chain = None
-        if state["chain"] is not None:
-            self.chain = self._new_chain()
-            self.chain.load_state_dict(
-                state["chain"], device=self.targets[0].param.device if self.targets else None
-            )
+        self.bank.load_state_dict(state["chain"], self.targets[0].param.device if self.targets else None)
 
     def rebind(self) -> None:
         """Re-read the backend's targets (after an engine replaced tensors, e.g. a checkpoint load)."""

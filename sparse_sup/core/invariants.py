@@ -57,3 +57,14 @@ def check_step(
     data_parallel.all_reduce_sum(total)
     if float(total) != float(mine) * data_parallel.world_size:
         raise InvariantError(f"{where}: masks differ across data-parallel ranks")
+
+
+def check_rank_agreement(
+    masks: MaskState, targets: Sequence[Target], data_parallel: Collectives, where: str
+) -> None:
+    """Every data-parallel replica holds the same masks (a checksum all-reduced; collective)."""
+    mine = torch.tensor([masks.checksum(targets)], dtype=torch.float64)
+    total = mine.clone()
+    data_parallel.all_reduce_sum(total)
+    if float(total) != float(mine) * data_parallel.world_size:
+        raise RuntimeError(f"masks differ across ranks after {where}")
