@@ -24,6 +24,7 @@ def run_summary(engine, results: dict, *, skipped_steps: int, world_size: int, *
             "num_cycles": plan.num_cycles,
             "cycle_steps": plan.cycle_steps,
             "cycles_fraction": plan.cycles_fraction,
+            "ticket_schedule": engine.tickets.schedule,
         },
         "steps_completed": engine.step,
         "skipped_steps": skipped_steps,
@@ -33,6 +34,14 @@ def run_summary(engine, results: dict, *, skipped_steps: int, world_size: int, *
         "world_size": world_size,
         "parallelism": engine.backend.kind,
     }
+
+
+def describe_tickets(plan: dict) -> str:
+    """'3 tickets (15% of the budget in cycles)', or where the tickets came from with the tail."""
+    n, share = plan["num_cycles"], f"{100 * plan['cycles_fraction']:.0f}%"
+    if plan.get("ticket_schedule") == "tail":
+        return f"{n} tickets from the last {share} of the base schedule (tail)"
+    return f"{n} tickets ({share} of the budget in cycles)"
 
 
 def summary_table(summary: dict) -> str:

@@ -34,6 +34,12 @@ class StepPlan:
         return self.num_cycles * self.cycle_steps / self.total_steps
 
     def describe(self) -> str:
+        if self.num_cycles and self.base_lr_steps == self.total_steps:  # tickets.schedule=tail
+            return (
+                f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), the base LR schedule over all of "
+                f"them; {self.num_cycles} tickets every {self.cycle_steps} steps from step {self.pre_steps} "
+                f"(the last {100 * self.cycles_fraction:.0f}%, no step leaves phase 1's schedule)"
+            )
         return (
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch): phase 1 {self.pre_steps} steps "
             f"({100 * (1 - self.cycles_fraction):.0f}%), {self.num_cycles} cycles x {self.cycle_steps} "

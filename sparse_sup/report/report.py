@@ -8,6 +8,7 @@ import os
 import shlex
 from pathlib import Path
 
+from ..results import describe_tickets
 from .data import RunData, load_run
 from .plots import PLOT_DIR, make_plots
 
@@ -112,8 +113,8 @@ def write_report(run_dir: str | Path, command: list[str] | None = None) -> Path:
     if s:
         plan = s["plan"]
         lines += [
-            f"{s['model']}, {s['method']}, density {s['density']}, {plan['num_cycles']} tickets "
-            f"({100 * plan['cycles_fraction']:.0f}% of {plan['total_steps']} steps in cycles), "
+            f"{s['model']}, {s['method']}, density {s['density']}, {describe_tickets(plan)} of "
+            f"{plan['total_steps']} steps, "
             f"{s['parallelism']} over {s['world_size']} process(es); {s['steps_completed']} steps completed"
             + (f", {s['skipped_steps']} skipped" if s.get("skipped_steps") else "")
             + ".",

@@ -26,7 +26,7 @@ def run_training(
     """Returns the exit code. ``deepspeed_config``: the JSON given to the ``deepspeed`` launcher;
     ``resume``: ``auto`` or a run/checkpoint path to continue from."""
     from ..progress import configure as configure_progress
-    from ..results import summary_table
+    from ..results import describe_tickets, summary_table
     from .loop import Run
     from .setup import prepare
     from .tracking import resolve_report_to
@@ -66,7 +66,7 @@ def run_training(
         plan = summary["plan"]
         report(
             f"\nSup-tickets on {config.model.name}, {config.sparse.method}, density {config.sparse.density}, "
-            f"{plan['num_cycles']} tickets ({100 * plan['cycles_fraction']:.0f}% of the budget in cycles), "
+            f"{describe_tickets(plan)}, "
             f"world size {summary['world_size']}\n{summary_table(summary)}\n"
             f"\nrun directory: {prepared.run_dir}"
         )

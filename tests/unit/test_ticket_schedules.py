@@ -57,3 +57,19 @@ def test_tail_does_not_reexplore_by_default_and_freezes_masks() -> None:
 def test_unknown_ticket_schedule_names_the_key_and_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"tickets\.schedule.*swa.*cycles.*tail"):
         load_config(None, ["--tickets.schedule=swa"])
+
+
+def test_the_run_says_where_its_tickets_came_from() -> None:
+    from sparse_sup.results import describe_tickets
+
+    tail = _timeline("--tickets.num_cycles=3", "--tickets.schedule=tail", "--tickets.cycles_fraction=0.3")
+    assert "base LR schedule over all of them; 3 tickets every 10 steps from step 70" in tail.plan.describe()
+    assert "3 cycles x 10 steps" in _timeline("--tickets.cycles_fraction=0.3").plan.describe()
+    plan = {"num_cycles": 3, "cycles_fraction": 0.3}
+    assert (
+        describe_tickets({**plan, "ticket_schedule": "tail"})
+        == "3 tickets from the last 30% of the base schedule (tail)"
+    )
+    assert (
+        describe_tickets({**plan, "ticket_schedule": "cycles"}) == "3 tickets (30% of the budget in cycles)"
+    )
