@@ -189,7 +189,10 @@ def fsdp2_shard_model(
     ]
     for parent, name, block in reversed(blocks):
         if compile_blocks:
-            block = torch.compile(block)
+            # static shapes: ResNet blocks share one forward's code at different sizes, and the
+            # automatic dynamic recompile's backward fails in CPU inductor ("Cannot convert
+            # expression to float"); one graph per block shape instead
+            block = torch.compile(block, dynamic=False)
             parent.register_module(name, block)
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

@@ -1,6 +1,7 @@
 """``train.compile`` and ``train.channels_last``: the CLI's tiny run compiled with CPU inductor
 (needs gcc) runs to the end with check_invariants every step (slow: 2 min 15 s on 2 busy cores,
-most of it inductor), and under DDP compiled after wrapping (slow: 1 min 46 s); channels_last
+most of it inductor), under DDP compiled after wrapping (slow: 1 min 46 s) and under FSDP2 per
+block before sharding (slow: 1 min 14 s); channels_last
 runs with exact masks; both are refused, with the reason, where they cannot work (and fused SGD
 under FSDP2, which torch has no DTensor kernel for)."""
 
@@ -50,6 +51,21 @@ def test_compile_ddp_after_wrapping(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "torch.compile: the DDP-wrapped model" in proc.stderr
     assert "parallelism: ddp over 2 process(es)" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="CPU inductor compiles C++: needs gcc")
+def test_compile_fsdp2_per_block(tmp_path):
+    """2 processes (gloo): each block compiled before it is sharded (static shapes), 8 steps with 2
+    topology updates and check_invariants (1 min 14 s on 2 busy cores)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/fsdp2-cpu.yaml"]
+    cmd += ["train.py", "--config", "configs/tiny-test.yaml", "--sparse.check_invariants=true"]
+    cmd += ["--train.compile=true", "--train.max_steps=8", f"--experiment.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FSDP2: 5 units (float32)" in proc.stderr
+    assert "Cannot convert expression" not in proc.stderr  # no failed (dynamic-shape) compile
+    assert "step 8/8" in proc.stderr
 
 
 def test_channels_last_one_process_exact_masks(tmp_path):
