@@ -2,7 +2,7 @@
 # GPU check (run when a GPU machine is available): short DDP, FSDP2 and DeepSpeed ZeRO-2/3 jobs over
 # NCCL in bf16, each with and without masks (dense = density 1.0), printing steps/s of each run.
 # pytest -m gpu runs the same paths as assertions (tests/gpu/).
-# Every part runs even if another fails (a refusal, e.g. FSDP2 bf16 on a BatchNorm model, is a result);
+# Every part runs even if another fails (a refusal is a result);
 # the script lists the failed parts at the end and exits non-zero if there were any.
 # Usage: bash launch/gpu_check.sh [num_gpus]
 set -uo pipefail
@@ -32,6 +32,10 @@ for engine in ddp fsdp2 deepspeed_zero2 deepspeed_zero3; do
     fi && rate "$dir" || failed+=("$engine density $density")
   done
 done
+# Issue 19: no device sync in steady-state steps (set_sync_debug_mode("error")), train.compile on one
+# GPU / DDP / FSDP2, FSDP2 + bf16 on ResNets (BatchNorm in float32 units). ~5 min on 1 GPU.
+python -m pytest -q -m gpu tests/gpu/test_gpu_paths.py \
+  -k "no_device_sync or compile_on_gpu or batchnorm_units" || failed+=("pytest -m gpu (issue 19 checks)")
 # The HF Trainer's fsdp= option (FSDP2) has no CPU path: SupTicketsTrainer on 2 GPUs, as a test.
 python -m pytest -q -m gpu tests/integration/test_hf_trainer.py || failed+=("pytest -m gpu (HF Trainer)")
 if ((${#failed[@]})); then

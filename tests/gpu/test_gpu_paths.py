@@ -22,7 +22,7 @@ def _run(cmd: list[str], run_dir: Path) -> dict:
 
 
 COMMON = ["--config", "configs/tiny-test.yaml", "--train.precision=bf16", "--schedule.epochs=3"]
-# FSDP2 in bf16 refuses BatchNorm models (see check_fsdp2_mixed_precision): a ViT for it
+# a LayerNorm model for FSDP2 bf16 (BatchNorm models: test_fsdp2_bf16_batchnorm_units below)
 VIT = ["--model.name=test_vit", "--model.kwargs={img_size: 32, patch_size: 4}"]
 
 
@@ -104,3 +104,81 @@ def test_fp16_loss_scaler_end_to_end(tmp_path, max_grad_norm):
     )
     assert summary["steps_completed"] == summary["plan"]["total_steps"]
     assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
+
+
+# ---- issue 19: compile, no host syncs, FSDP2 + bf16 + BatchNorm (prepared on CPU, not yet run) ----
+SYNC_ARGS = [
+    "--config",
+    "configs/tiny-test.yaml",
+    "--train.max_steps=16",
+    "--sparse.update_interval=8",
+    "--train.log_every=8",
+    "--train.nonfinite_steps=[5]",  # one step skipped on the device among the guarded ones
+    "--train.precision=bf16",
+]
+
+
+def _worker(cmd_prefix: list[str], out: Path, *extra: str) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SYNC_CUDA_ERROR": "1"}
+    cmd = [*cmd_prefix, "tests/integration/host_sync_worker.py", str(out), *SYNC_ARGS, *extra]
+    cmd.append(f"--experiment.output_dir={out}-run")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]  # a device sync in a deferred step raises
+    return json.loads(Path(f"{out}.rank0.json").read_text())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["single", "ddp", "fsdp2"])
+def test_no_device_sync_between_log_steps(tmp_path, engine):
+    """torch.cuda.set_sync_debug_mode("error") in every steady-state (deferred) step: any sync in
+    the step or in the loop's bookkeeping after it raises. optim.fused is left to its default
+    (fused SGD on CUDA; foreach under FSDP2, which then reads once per step: AdamW fused there)."""
+    gpus = max(1, torch.cuda.device_count())
+    prefix = [sys.executable]
+    extra: list[str] = []
+    if engine != "single":
+        prefix = [str(BIN / "accelerate"), "launch", "--config_file", f"launch/accelerate/{engine}-gpu.yaml"]
+        prefix += ["--num_processes", str(gpus)]
+    if engine == "fsdp2":
+        extra = ["--optim.name=adamw", "--optim.lr=0.001", "--optim.fused=true"]
+    records = _worker(prefix, tmp_path / engine, *extra)
+    assert len(records) == 17 and records[-1]["step"] == 16  # the skipped step resolved
+    steady = [r for r in records if r["attempt"] > 0 and r["step"] % 8 not in (0, 7)]
+    assert len(steady) >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["single", "ddp", "fsdp2"])
+def test_compile_on_gpu(tmp_path, engine):
+    """train.compile: the whole model (one GPU), the DDP-wrapped model, each block before
+    sharding (FSDP2, fp32: with bf16 BatchNorm units compile is refused)."""
+    gpus = max(1, torch.cuda.device_count())
+    run_dir = tmp_path / engine
+    prefix = [sys.executable]
+    if engine != "single":
+        prefix = [str(BIN / "accelerate"), "launch", "--config_file", f"launch/accelerate/{engine}-gpu.yaml"]
+        prefix += ["--num_processes", str(gpus)]
+    precision = "fp32" if engine == "fsdp2" else "bf16"
+    cmd = [*prefix, "train.py", "--config", "configs/tiny-test.yaml", "--train.compile=true"]
+    cmd += [f"--train.precision={precision}", "--sparse.check_invariants=true"]
+    summary = _run([*cmd, f"--experiment.output_dir={run_dir}"], run_dir)
+    assert summary["steps_completed"] == summary["plan"]["total_steps"]
+    assert summary["results"]["S_2"]["density"] == pytest.approx(0.1, abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["test_resnet", "resnet50"])
+def test_fsdp2_bf16_batchnorm_units(tmp_path, model):
+    """FSDP2 + bf16 on ResNets (cuDNN rejected bf16 BatchNorm weights beside fp32 statistics):
+    every BatchNorm in its own float32 unit; masks checked every step."""
+    gpus = max(1, torch.cuda.device_count())
+    run_dir = tmp_path / model
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/accelerate/fsdp2-gpu.yaml"]
+    cmd += ["--num_processes", str(gpus), "train.py", *COMMON, f"--model.name={model}"]
+    cmd += ["--sparse.check_invariants=true", "--train.max_steps=24", f"--experiment.output_dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "BatchNorm units (float32)" in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["parallelism"] == "fsdp2" and summary["steps_completed"] == 24

@@ -1,7 +1,9 @@
 """Run ``sparse-sup train`` with every optimizer-step attempt's host reads counted
 (``sparse_sup.train.host_syncs``); each rank writes ``OUT.rank<R>.json``: the per-attempt records.
 ``SYNC_NO_DEFER=1``: every step treated as one where the host acts
-(the skip decision read at once): the reference a deferred run must equal.
+(the skip decision read at once): the reference a deferred run must equal. ``SYNC_CUDA_ERROR=1``
+(GPU): ``torch.cuda.set_sync_debug_mode("error")`` from the start of every deferred (steady-state)
+step until the loop resolves skips or starts a step where the host acts: any device sync there raises.
 
 Reads made by ``sparse.check_invariants`` (tests' own checks) are not counted.
 
@@ -26,6 +28,20 @@ def main() -> int:
 
     if os.environ.get("SYNC_NO_DEFER") == "1":
         Run._host_step = lambda self, step, last_step: True
+    if os.environ.get("SYNC_CUDA_ERROR") == "1":
+        import torch
+
+        step, resolve = Run._optimizer_step, Run._resolve_skips
+
+        def guarded_step(self, micro, accum, defer=False):
+            torch.cuda.set_sync_debug_mode("error" if defer else "default")
+            return step(self, micro, accum, defer)
+
+        def guarded_resolve(self):
+            torch.cuda.set_sync_debug_mode("default")
+            return resolve(self)
+
+        Run._optimizer_step, Run._resolve_skips = guarded_step, guarded_resolve
     with count_loop_syncs(Run, exclude=("core/invariants.py",)) as records:  # the checks tests ask for
         counted = Run.train
 

@@ -4,7 +4,7 @@ checkpoint at that step or the next one) for one process, DDP and FSDP2, with a 
 (the kind that skips a non-finite step on the device) and an injected non-finite step among the
 counted ones. The deferred skip decision changes nothing: the run equals, bit for bit, the same run
 with the decision read after every step, masks checked by ``sparse.check_invariants`` each step.
-Run time: ~10 s one process (two runs), ~15 s per 2-process launch."""
+Run time: ~20 s per precision for one process (two runs), ~15-30 s per 2-process launch."""
 
 from __future__ import annotations
 
@@ -44,9 +44,12 @@ def steady_syncs(records: list[dict]) -> dict[int, int]:
     }
 
 
-def run_single(tmp_path: Path, name: str, extra_env: dict | None = None) -> tuple[Path, list[dict]]:
+def run_single(
+    tmp_path: Path, name: str, precision: str, extra_env: dict | None = None
+) -> tuple[Path, list[dict]]:
     out = tmp_path / name
     cmd = [sys.executable, str(WORKER), str(out), *ARGS, f"--experiment.output_dir={out}-run"]
+    cmd.append(f"--train.precision={precision}")
     cmd.append("--sparse.check_invariants=true")
     proc = subprocess.run(
         cmd, cwd=ROOT, env={**ENV, **(extra_env or {})}, capture_output=True, text=True, timeout=300
@@ -55,13 +58,15 @@ def run_single(tmp_path: Path, name: str, extra_env: dict | None = None) -> tupl
     return Path(f"{out}-run"), json.loads(Path(f"{out}.rank0.json").read_text())
 
 
-def test_single_process_no_sync_between_log_steps_and_same_run(tmp_path):
-    run_dir, records = run_single(tmp_path, "deferred")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_single_process_no_sync_between_log_steps_and_same_run(tmp_path, precision):
+    """fp16: the CPU GradScaler's fused path (found_inf handed to the fused SGD, no read)."""
+    run_dir, records = run_single(tmp_path, "deferred", precision)
     steady = steady_syncs(records)
     assert len(steady) >= 9 and all(n == 0 for n in steady.values()), steady
     # the skipped attempt is there and was resolved: 17 attempts for 16 steps
     assert len(records) == 17 and records[-1]["step"] == 16
-    ref_dir, ref_records = run_single(tmp_path, "reference", {"SYNC_NO_DEFER": "1"})
+    ref_dir, ref_records = run_single(tmp_path, "reference", precision, {"SYNC_NO_DEFER": "1"})
     assert all(r["syncs"] >= 1 for r in ref_records)  # the reference reads every step
     summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ref_dir))
     assert summary["skipped_steps"] == ref_summary["skipped_steps"] == 1
@@ -105,3 +110,14 @@ def test_two_processes_no_sync_between_log_steps(tmp_path, engine, optim):
         assert len(records) == 17 and records[-1]["step"] == 16
     summary = json.loads((Path(f"{out}-run") / "summary.json").read_text())
     assert summary["skipped_steps"] == 1
+
+
+@pytest.mark.slow
+def test_bench_host_syncs_smoke():
+    """bench/host_syncs.py --smoke (a git worktree of the 'before' commit, 16 steps; ~2 min)."""
+    proc = subprocess.run(
+        [sys.executable, "bench/host_syncs.py", "--smoke"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| reads per steady-state step (median; max) | 2; 2 | 0; 0 |" in proc.stdout
