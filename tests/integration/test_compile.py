@@ -1,7 +1,7 @@
 """``train.compile`` and ``train.channels_last``: the CLI's tiny run compiled with CPU inductor
-(needs gcc) runs to the end with check_invariants every step (slow: 2 min 15 s on 2 busy cores,
-most of it inductor), under DDP compiled after wrapping (slow: 1 min 46 s) and under FSDP2 per
-block before sharding (slow: 1 min 14 s); channels_last
+(needs gcc) runs to the end with check_invariants every step (slow: 2 min 15 s on 2 busy cores
+with a cold inductor cache, 16 s warm), under DDP compiled after wrapping (slow: 1 min 46 s cold,
+22 s warm) and under FSDP2 per block before sharding (slow: 1 min 14 s cold, 18 s warm); channels_last
 runs with exact masks; both are refused, with the reason, where they cannot work (and fused SGD
 under FSDP2, which torch has no DTensor kernel for)."""
 
