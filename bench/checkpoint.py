@@ -16,9 +16,26 @@ events = torch extra peak) with ``tracemalloc`` on (numpy's packed bits and Pyth
 methods are checked first on known 100 MB temporaries. Each rank measures its own write; the table
 shows the max over ranks. "read" = each rank loading its own runs (only overlapping files).
 
+Run checkpoints (``--run``, issue 19 item 5): what each DDP rank writes and hashes in one
+``save_run_checkpoint`` of a ResNet-50 run, and its wall time, for three protocols side by side in
+the same processes (rotating order, median of ``--repeats``): "0c40b65" (where issue 19 was read:
+every rank writes its whole sparse state -- masks, chain, mask history -- into its own file; rank 0
+then hashes every file while the others wait), "80801d0" (since 98cf563: the sparse state written
+once as a sharded checkpoint split over the ranks; rank 0 still hashes every file) and "now" (the
+same files; the sparse state's digests come from its writers as the bytes are written, the engine's
+files are hashed by the rank that wrote them). "verify" is one verification of the checkpoint just
+written, as a resume does it: rank 0 alone before (a resume did it up to three times), over the
+ranks now (``verify_checkpoint``; later asks of the unchanged checkpoint are free). The two older
+protocols are re-enacted here (``legacy_save``) with the library's own writers. The sparse state is
+synthetic but shaped like a run's: masks of every Conv/Linear weight (bool), the chain's fp32 copy
+of every parameter and its masks, the mask history (last, ever); model + SGD momentum through DCP
+(``LocalBackend``, DDP's whole-tensor layouts).
+
 Usage:
     PYTHONPATH=. python bench/checkpoint.py                      # resnet50, world sizes 1 2 4 (~2 min)
     PYTHONPATH=. python bench/checkpoint.py --smoke              # tiny model, one process, seconds
+    PYTHONPATH=. python bench/checkpoint.py --run                # run checkpoints, resnet50, worlds 2 4
+    PYTHONPATH=. python bench/checkpoint.py --run --smoke        # the same on test_resnet, world 2
 """
 
 from __future__ import annotations
@@ -253,6 +270,213 @@ def run_world(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     return json.loads(lines[-1])
 
 
+# ---- run checkpoints (--run) -----------------------------------------------------------------
+
+PROTOCOLS = ("0c40b65", "80801d0", "now")
+HASH_TIME = [0.0]
+
+
+def run_state_of(model_name: str, rank: int):
+    """(backend, picklable sparse state of this rank, its pieces and rest as a run splits them)."""
+    from sparse_sup.backends.local import LocalBackend
+    from sparse_sup.checkpoint.state_pieces import parameter_layouts, split_state
+
+    torch.manual_seed(SEED)  # the same replica on every rank
+    model = build_model(model_name, 1000)
+    targets = select_targets(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # momentum buffers exist
+    backend = LocalBackend(model, optimizer, targets)
+    backend.kind = "ddp"
+    g = torch.Generator().manual_seed(SEED)
+    params = dict(model.named_parameters())
+    masks = {n: torch.rand(params[n].shape, generator=g) < 0.1 for n in targets}
+
+    def copy(tensors: dict) -> dict:  # torch.save would store shared tensors once
+        return {n: t.clone() for n, t in tensors.items()}
+
+    state = {
+        "engine": {
+            "step": 1000,
+            "masks": masks,
+            "chain": {"tensors": {n: p.detach().clone() for n, p in params.items()}, "masks": copy(masks)},
+        },
+        "mask_history": {"last": copy(masks), "ever": copy(masks)},  # a run's are tensors of their own
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},  # per rank in a run
+        "rng": torch.get_rng_state(),
+    }
+    pieces, rest = split_state(state, parameter_layouts(backend))
+    return backend, state, pieces, rest
+
+
+def legacy_save(run_dir: Path, step: int, backend, sparse_state: dict, pieces: dict | None) -> Path:
+    """``save_run_checkpoint`` as it was before this change: every rank writes, barrier, then rank 0
+    alone hashes every file of the checkpoint (``pieces`` None: the 0c40b65 layout)."""
+    from sparse_sup.checkpoint import run_state
+    from sparse_sup.checkpoint.files import _atomic_write_bytes, _fsync_dir, atomic_torch_save
+    from sparse_sup.checkpoint.sharded import save_sharded
+    from sparse_sup.checkpoint.state_pieces import rank_file
+
+    rank, world, _ = run_state._dist()
+    tmp = run_dir / f"tmp_{step:08d}"
+    final = run_dir / f"step_{step:08d}"
+    if rank == 0:
+        tmp.mkdir(parents=True)
+    run_state._barrier()
+    backend.save_training_state(tmp / "engine")
+    if pieces is not None:
+        save_sharded(tmp / run_state.SHARDED_STATE, pieces, {"step": step})
+    atomic_torch_save(sparse_state, tmp / "sparse_sup" / rank_file(rank))
+    run_state._barrier()
+    if rank == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for folder in {p.parent for p in files}:
+            _fsync_dir(folder)
+        digests = {str(p.relative_to(tmp)): run_state._sha256(p) for p in files}
+        manifest = {"format": 1, "step": step, "world_size": world, "files": digests}
+        _atomic_write_bytes(tmp / run_state.MANIFEST, json.dumps(manifest, indent=1).encode())
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    run_state._barrier()
+    return final
+
+
+def writer_of(name: str, world: int) -> int:
+    """Which rank wrote the file ``name`` of a run checkpoint (by the writers' naming)."""
+    import re
+
+    from sparse_sup.checkpoint.run_state import _writer_rank
+
+    for pattern in (r"shard-(\d+)-of-", r"rank(\d+)\.pt"):
+        found = re.search(pattern, name)
+        if found:
+            return int(found.group(1))
+    owner = _writer_rank(name, world)
+    return 0 if owner is None else owner  # DCP's .metadata, the manifests: rank 0
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from sparse_sup.checkpoint import run_state
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    backend, state, pieces, rest = run_state_of(args.model, rank)
+    original = run_state._sha256
+
+    def timed(path: Path) -> str:
+        t0 = time.perf_counter()
+        try:
+            return original(path)
+        finally:
+            HASH_TIME[0] += time.perf_counter() - t0
+
+    run_state._sha256 = timed
+    results: dict[str, list] = {p: [] for p in PROTOCOLS}
+    for i in range(args.repeats):
+        for k in range(len(PROTOCOLS)):
+            protocol = PROTOCOLS[(i + k) % len(PROTOCOLS)]
+            run_dir = Path(args.tmp) / f"w{world}-{protocol}-{i}"
+            HASH_TIME[0] = 0.0
+            dist.barrier()
+            t0 = time.perf_counter()
+            if protocol == "now":
+                path = run_state.save_run_checkpoint(run_dir, 1000, backend, rest, 1, pieces)
+            else:
+                whole = protocol == "0c40b65"
+                path = legacy_save(
+                    run_dir, 1000, backend, state if whole else rest, None if whole else pieces
+                )
+            wall, hashing = time.perf_counter() - t0, HASH_TIME[0]
+            run_state._VERIFIED.clear()
+            dist.barrier()
+            t0 = time.perf_counter()
+            if protocol == "now":
+                assert run_state.verify_checkpoint(path) == []
+            else:
+                assert run_state._broadcast(run_state.checkpoint_problems(path) if rank == 0 else None) == []
+            verify = time.perf_counter() - t0
+            per_rank = [0] * world
+            if rank == 0:
+                for p in path.rglob("*"):
+                    if p.is_file():
+                        per_rank[writer_of(str(p.relative_to(path)), world)] += p.stat().st_size
+            timing = torch.tensor([wall, hashing, verify], dtype=torch.float64)
+            gathered = [torch.zeros_like(timing) for _ in range(world)]
+            dist.all_gather(gathered, timing)
+            results[protocol].append(
+                {
+                    "wall": max(float(t[0]) for t in gathered),
+                    "hash": [float(t[1]) for t in gathered],
+                    "verify": max(float(t[2]) for t in gathered),
+                    "bytes": per_rank,
+                }
+            )
+            dist.barrier()
+            if rank == 0:
+                import shutil
+
+                shutil.rmtree(run_dir, ignore_errors=True)
+    if rank == 0:
+        out = {}
+        for protocol, runs in results.items():
+            walls = sorted(r["wall"] for r in runs)
+            median = runs[[r["wall"] for r in runs].index(walls[len(walls) // 2])]
+            out[protocol] = {"world": world, "walls": walls, **median}
+        print(PREFIX + json.dumps(out), flush=True)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # gloo can crash at interpreter exit
+
+
+def run_checkpoint_world(n: int, args: argparse.Namespace, tmp: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    cmd += [
+        __file__,
+        "--run-worker",
+        "--tmp",
+        str(tmp),
+        "--model",
+        args.model,
+        "--repeats",
+        str(args.repeats),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout)
+    lines = [ln[len(PREFIX) :] for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
+    if not lines:
+        raise RuntimeError(
+            f"world {n} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return json.loads(lines[-1])
+
+
+def run_table(worlds: list[dict], model: str, repeats: int) -> str:
+    lines = [
+        f"Run checkpoint of {model} under DDP (gloo, CPU), one save per protocol and repeat, "
+        f"median wall of {repeats}; torch {torch.__version__}.",
+        "",
+        "| world | protocol | MB written by rank (0 / 1 / ...) | total MB | rank 0 hashes s "
+        "| other ranks hash s | checkpoint wall s (median; all) | verify s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for res in worlds:
+        for protocol in PROTOCOLS:
+            r = res[protocol]
+            others = r["hash"][1:]
+            lines.append(
+                f"| {r['world']} | {protocol} | {' / '.join(f'{b / MB:.1f}' for b in r['bytes'])} "
+                f"| {sum(r['bytes']) / MB:.1f} | {r['hash'][0]:.3f} "
+                f"| {' / '.join(f'{h:.3f}' for h in others)} "
+                f"| **{r['wall']:.3f}** ({', '.join(f'{w:.2f}' for w in r['walls'])}) | {r['verify']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
 # ---- driver ---------------------------------------------------------------------------------
 
 
@@ -309,10 +533,27 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--run", action="store_true", help="run checkpoints under DDP: bytes and hashing per rank"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="--run: saves per protocol")
+    parser.add_argument("--run-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.model = args.model or ("test_resnet" if args.smoke else "resnet50")
     if args.worker:
         worker(args)
+    if args.run_worker:
+        run_worker(args)
+    if args.run:
+        with tempfile.TemporaryDirectory(prefix="run-ckpt-bench-") as tmp:
+            worlds = args.worlds or ([2] if args.smoke else [2, 4])
+            text = run_table(
+                [run_checkpoint_world(n, args, Path(tmp)) for n in worlds], args.model, args.repeats
+            )
+        if args.out:
+            args.out.write_text(text + "\n")
+        print(text)
+        return text
     worlds = args.worlds or ([1] if args.smoke else [1, 2, 4])
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:

@@ -117,6 +117,11 @@ def _published_digest(path: Path) -> str | None:
     return digest if digest in accepted else None
 
 
+def sidecar_text(digest: str) -> bytes:
+    """The content ``atomic_torch_save`` leaves in ``<path>.sha256`` once it returned ``digest``."""
+    return digest.encode()
+
+
 def atomic_torch_save(obj: object, path: str | Path) -> str:
     """torch.save ``obj`` atomically; writes ``<path>.sha256`` and returns the digest.
 
@@ -145,7 +150,7 @@ def atomic_torch_save(obj: object, path: str | Path) -> str:
     _atomic_write_bytes(_sidecar(path), "\n".join(accepted).encode())
     _atomic_write_bytes(path, payload)
     if len(accepted) > 1:
-        _atomic_write_bytes(_sidecar(path), digest.encode())
+        _atomic_write_bytes(_sidecar(path), sidecar_text(digest))
     return digest
 
 

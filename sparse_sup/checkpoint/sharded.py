@@ -243,12 +243,14 @@ def _is_tmp(name: str) -> bool:
     return name.startswith(".") and re.search(r"\.tmp-[0-9a-f]{12}(-\d+@[^@/]+)?$", name) is not None
 
 
-def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, group=None) -> None:
+def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, group=None) -> dict[str, str]:
     """Collective over ``group`` (default group when torch.distributed is initialised, else one
     process): each rank writes one file with its pieces, rank 0 the manifest; published by an atomic
     rename once every rank finished. An existing ``path`` is never overwritten. ``meta`` (JSON) is
     taken from rank 0. Issues two ``broadcast_object_list`` and one ``gather_object`` (checksums
-    and ranges, no tensors); any rank's failure is raised on every rank, so none hangs."""
+    and ranges, no tensors); any rank's failure is raised on every rank, so none hangs. Returns the
+    SHA-256 of each file this rank wrote (its shard; rank 0 also the manifest), by name in ``path``,
+    computed from the bytes as they were written."""
     path = Path(path)
     rank, world, on = _collective(group)
     plan: dict = {}
@@ -273,6 +275,7 @@ def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, gr
         record = _write_rank_file(tmp / _shard_name(rank, world), pieces, rank, world)
     except Exception as e:  # gathered and raised on every rank, so no rank hangs
         record = {"error": f"rank {rank}: {e}"}
+    written = {} if "error" in record else {record["name"]: record["sha256"]}
     records = [record]
     if on:  # only rank 0 holds every rank's ranges (O(tensors x world) metadata)
         records = [None] * world if rank == 0 else None
@@ -284,7 +287,9 @@ def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, gr
             if errors:
                 raise CheckpointError(f"writing {path} failed: " + "; ".join(errors))
             manifest = _merge_records(records, world, meta)
-            _atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            text = json.dumps(manifest, indent=1).encode()
+            _atomic_write_bytes(tmp / MANIFEST, text)
+            written[MANIFEST] = hashlib.sha256(text).hexdigest()
             _fsync_dir(tmp)
             if path.exists() or path.is_symlink():
                 raise CheckpointError(
@@ -300,6 +305,7 @@ def save_sharded(path: str | Path, pieces: dict[str, LocalPiece], meta: dict, gr
     outcome = _broadcast(outcome, group, on)
     if outcome != "ok":
         raise CheckpointError(outcome)
+    return written
 
 
 # ---- reading ------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import yaml
 from ..checkpoint.run_state import (
     MANIFEST,
     CheckpointError,
-    checkpoint_problems,
     latest_checkpoint,
     read_checkpoint_manifest,
+    verify_checkpoint,
     world_size_problem,
 )
 from ..config import Config, ConfigError, config_to_dict
@@ -80,7 +80,7 @@ def resolve_resume(resume: str, config: Config) -> Path | None:
     check_same_config(run_dir, config)
     path = Path(resume)
     if resume != "auto" and ((path / MANIFEST).is_file() or path.parent.name == "checkpoints"):
-        problems = checkpoint_problems(path)
+        problems = verify_checkpoint(path)  # collective: every rank hashes a share of the files
         if problems:
             raise ConfigError(f"--resume {resume}: {problems[0]}; pass the run directory to fall back")
         check_world_size(path)

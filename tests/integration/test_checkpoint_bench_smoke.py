@@ -35,3 +35,19 @@ def test_checkpoint_bench_smoke(tmp_path):
     assert ratio < 0.5 and torch_peak + numpy_peak <= largest  # one piece at a time, not the shard
     check = re.search(r"world 1: (\d+) -> ([\d.]+) / ([\d.]+)", text)
     assert abs(float(check[2]) - float(check[1])) < 1 and abs(float(check[3]) - float(check[1])) < 1
+
+
+def test_run_checkpoint_bench_smoke():
+    """``--run --smoke``: a 2-rank DDP run checkpoint under the three protocols; bytes are exact."""
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", ROOT / "bench" / "checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        text = bench.main(["--run", "--smoke", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = dict(re.findall(r"^\| 2 \| (\w+) \| [\d./ ]+ \| ([\d.]+) \|", text, re.M))
+    assert set(rows) == {"0c40b65", "80801d0", "now"}
+    total = {k: float(v) for k, v in rows.items()}
+    assert total["now"] == total["80801d0"] < total["0c40b65"]  # the sparse state once, not per rank
