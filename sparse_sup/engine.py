@@ -156,6 +156,15 @@ class SupTicketsEngine:
             weights = self.sparse.enforce_every_step
             invariants.check_step(self.targets, self.masks, self.backend.data_parallel, where, weights)
 
+    def acts_after(self, completed: int) -> bool:
+        """Whether completing step ``completed`` makes the engine act (a mask event, the end of phase
+        1, a ticket, the end): the loop must know such a step exactly, so it never defers it."""
+        return (
+            bool(self.mask_events(completed))
+            or completed in (self.plan.pre_steps, self.plan.total_steps)
+            or self.phases.cycle_end(completed) is not None
+        )
+
     def _on_completed(self, completed: int) -> None:
         events = self.mask_events(completed)
         if completed < self.plan.pre_steps:

@@ -170,9 +170,7 @@ class Run:
             or step >= last_step
             or (eval_every and step % max(1, round(eval_every * plan.steps_per_epoch)) == 0)
             or self.checkpoint_due(step)
-            or bool(engine.mask_events(step))
-            or step in (plan.pre_steps, plan.total_steps)
-            or engine.phases.cycle_end(step) is not None
+            or engine.acts_after(step)
         )
 
     def _next_host_step(self, last_step: int) -> int:
