@@ -60,8 +60,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCHEDULES: dict[str, list[str]] = {
     "base": ["--tickets.num_cycles=0"],
-    "paper": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.1", "--tickets.reexplore_fraction=0.5"],
-    "noreexp": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.1", "--tickets.reexplore_fraction=0"],
+    "paper": [
+        "--tickets.schedule=cycles",
+        "--tickets.num_cycles=3",
+        "--tickets.cycles_fraction=0.1",
+        "--tickets.reexplore_fraction=0.5",
+    ],
+    "noreexp": [
+        "--tickets.schedule=cycles",
+        "--tickets.num_cycles=3",
+        "--tickets.cycles_fraction=0.1",
+        "--tickets.reexplore_fraction=0",
+    ],
 }
 # The schedule study at the embedded default (issue 20): the default's own split, the same without
 # re-exploration, and tails -- tickets taken from the base schedule's own last 15% / 30% (no steps
@@ -69,11 +79,13 @@ SCHEDULES: dict[str, list[str]] = {
 SCHEDULES.update(
     {
         "cycles15": [
+            "--tickets.schedule=cycles",
             "--tickets.num_cycles=3",
             "--tickets.cycles_fraction=0.15",
             "--tickets.reexplore_fraction=0.5",
         ],
         "cycles15-noreexp": [
+            "--tickets.schedule=cycles",
             "--tickets.num_cycles=3",
             "--tickets.cycles_fraction=0.15",
             "--tickets.reexplore_fraction=0",
@@ -314,11 +326,26 @@ def aggregate(tier_name: str, tier: Tier, specs: list[RunSpec], command_line: st
                 ]
                 beats = "S_M beats the base run" if mean_gain > 0 else "S_M does **not** beat the base run"
                 vs_ticket = 100 * (statistics.mean(s_m) - statistics.mean(best_t))
-                p_cost = 100 * (statistics.mean(p) - statistics.mean(base))
+                if "--tickets.schedule=tail" in SCHEDULES[schedule]:
+                    last = [_acc(r, f"T_{r['plan']['num_cycles']}") for _, r in done]
+                    where = (
+                        f"T_M - base = {100 * (statistics.mean(last) - statistics.mean(base)):+.2f} (the "
+                        "last ticket is the base run with its masks frozen through the tail), S_M - T_M = "
+                        f"{100 * (statistics.mean(s_m) - statistics.mean(last)):+.2f} (what averaging adds)"
+                    )
+                else:
+                    p_cost = 100 * (statistics.mean(p) - statistics.mean(base))
+                    where = (
+                        f"P - base = {p_cost:+.2f} (what handing the cycle steps away from phase 1 costs "
+                        "before any superposition)"
+                    )
+                goal = ""
+                if len(base) >= 2:  # the issue's bar: at or above the base run plus its seed std
+                    margin = statistics.mean(s_m) - statistics.mean(base) - statistics.stdev(base)
+                    goal = f"; S_M - (base + its seed std) = {100 * margin:+.2f}"
                 verdicts.append(
                     f"- {method}, {schedule}: S_M - base = {mean_gain:+.2f} points over {len(gains)} "
-                    f"seed(s): {beats}; S_M - best ticket = {vs_ticket:+.2f}; P - base = {p_cost:+.2f} "
-                    "(what handing the cycle steps away from phase 1 costs before any superposition)."
+                    f"seed(s): {beats}{goal}; S_M - best ticket = {vs_ticket:+.2f}; {where}."
                 )
     lines += ["", "Schedules:", ""]
     lines += [f"- `{k}`: {SCHEDULE_TEXT[k]} (`{' '.join(SCHEDULES[k])}`)" for k in tier.schedules]
