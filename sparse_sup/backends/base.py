@@ -328,3 +328,23 @@ class TorchOptimizerStep:
             self._defer = False
         optimizer.zero_grad(set_to_none=True)
         return self.applied
+
+
+class TorchStepMethods:
+    """The step methods of a backend whose optimizer steps through ``self._step``, a
+    ``TorchOptimizerStep`` (one process, DDP, FSDP2; DeepSpeed's engine steps itself)."""
+
+    _step: TorchOptimizerStep
+
+    def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
+        self._step.backward(loss, accum_steps)
+
+    def optimizer_step(self, defer: bool = False) -> bool:
+        return self._step.step(defer)
+
+    @property
+    def last_skip(self) -> torch.Tensor | None:
+        return self._step.last_skip
+
+    def resolve_skips(self) -> int:
+        return self._step.resolve_skips()

@@ -19,4 +19,3 @@ def detect_parallelism(accelerator, deepspeed_launcher: bool = False) -> str:
     ).lower() in ("1", "true"):
         return "fsdp2"
     return "ddp" if accelerator.num_processes > 1 else "single"
-

@@ -32,7 +32,7 @@ from ..config.errors import ConfigError
 from ..core.collectives import Collectives
 from ..core.names import normalize_name
 from ..core.targets import Target
-from .base import Layout, StepOptions, TorchOptimizerStep
+from .base import Layout, StepOptions, TorchOptimizerStep, TorchStepMethods
 from .collectives import ProcessGroupCollectives
 from .dcp import dcp_load, dcp_save
 from .local import unwrap_optimizer
@@ -235,7 +235,7 @@ def check_fsdp2_mixed_precision(model: torch.nn.Module, mixed_precision: str) ->
         )
 
 
-class FSDP2Backend:
+class FSDP2Backend(TorchStepMethods):
     """Local shards of a ``fully_shard``-ed model. ``shard`` sums over the shard group (the mesh
     dim of ``Shard(0)``: every rank under FSDP, one replica's ranks under HSDP), ``data_parallel``
     over every rank (see ``fsdp2_mesh_groups``)."""
@@ -334,19 +334,6 @@ class FSDP2Backend:
             yield
         finally:
             self.model.set_requires_gradient_sync(True)
-
-    def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
-        self._step.backward(loss, accum_steps)
-
-    def optimizer_step(self, defer: bool = False) -> bool:
-        return self._step.step(defer)
-
-    @property
-    def last_skip(self) -> torch.Tensor | None:
-        return self._step.last_skip
-
-    def resolve_skips(self) -> int:
-        return self._step.resolve_skips()
 
     def save_training_state(self, directory: Path) -> None:
         dcp_save(self.model, self.optimizer, directory)

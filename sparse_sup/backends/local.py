@@ -13,7 +13,7 @@ import torch
 from ..core.collectives import LOCAL, Collectives
 from ..core.names import normalize_name
 from ..core.targets import Target, whole_tensor_target
-from .base import Layout, StepOptions, TorchOptimizerStep
+from .base import Layout, StepOptions, TorchOptimizerStep, TorchStepMethods
 from .dcp import dcp_load, dcp_save
 
 
@@ -37,7 +37,7 @@ def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-class LocalBackend:
+class LocalBackend(TorchStepMethods):
     """Whole-tensor targets on ``model`` (possibly DDP- or compile-wrapped: names are normalised)."""
 
     lockstep = False
@@ -85,19 +85,6 @@ class LocalBackend:
         if not enabled and hasattr(self.model, "no_sync"):
             return self.model.no_sync()  # DDP: accumulate locally, all-reduce on the last micro-batch
         return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor, accum_steps: int) -> None:
-        self._step.backward(loss, accum_steps)
-
-    def optimizer_step(self, defer: bool = False) -> bool:
-        return self._step.step(defer)
-
-    @property
-    def last_skip(self) -> torch.Tensor | None:
-        return self._step.last_skip
-
-    def resolve_skips(self) -> int:
-        return self._step.resolve_skips()
 
     # ---- whole tensors and checkpoints ------------------------------------------------------------
     def full_state(self) -> dict[str, torch.Tensor]:
