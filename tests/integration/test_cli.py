@@ -65,6 +65,30 @@ def test_existing_run_dir_is_refused_without_overwrite(existing_run, capsys):
     assert _tree_digest(existing_run) == before
 
 
+def test_tail_schedule_end_to_end(tmp_path):
+    """tickets.schedule=tail (the default job's): the run follows the base run's LR at every step,
+    never re-explores, and reports tickets taken from the tail, each at exact density."""
+    runs = {}
+    for name, flags in (("base", ["--tickets.num_cycles=0"]), ("tail", ["--tickets.schedule=tail"])):
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "train.py", "--config", TINY, *flags, "--train.log_every=1",
+             "--sparse.check_invariants=true", f"--experiment.output_dir={out}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (proc.stdout, records, json.loads((out / "summary.json").read_text()))
+    stdout, records, summary = runs["tail"]
+    assert "2 tickets from the last 25% of the base schedule (tail)" in stdout
+    assert summary["plan"]["ticket_schedule"] == "tail"
+    lrs = {name: [r["lr"] for r in rec if r["event"] == "train"] for name, (_, rec, _) in runs.items()}
+    assert lrs["tail"] == lrs["base"] and len(lrs["tail"]) == 48
+    assert not [r for r in records if r.get("kind") == "reexplore" or r["event"] == "reexplore"]
+    assert set(summary["results"]) == {"P", "T_1", "S_1", "T_2", "S_2", "final"}
+    assert all(abs(r["density"] - 0.1) < 1e-5 for r in summary["results"].values())
+
+
 def test_train_py_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
