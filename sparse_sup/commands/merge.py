@@ -62,7 +62,7 @@ def _validate(args) -> tuple[object, list[int] | None]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..train.run import finish_process, make_accelerator
+    from ..train.run import checked_on_every_rank, finish_process, make_accelerator
 
     try:
         config, which = _validate(args)
@@ -74,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
     from ..train.setup import prepare
 
     setup_logging(accelerator.process_index)
-    try:
-        prepared = prepare(config)
-        merge = Merge(prepared, Path(args.run_dir), Path(args.output), which)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError: bad input
-        _error(str(e))
+    merge = checked_on_every_rank(
+        accelerator,
+        lambda: Merge(prepare(config), Path(args.run_dir), Path(args.output), which),
+        lambda text: print(f"error: {text}", file=sys.stderr, flush=True),
+    )
+    if merge is None:
         return finish_process(accelerator, 2)
     if args.overwrite and accelerator.is_main_process:
         shutil.rmtree(args.output, ignore_errors=True)

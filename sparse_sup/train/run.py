@@ -9,11 +9,14 @@ import gc
 import os
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, check_batch_split
+
+T = TypeVar("T")
 
 
 def run_training(
@@ -32,7 +35,8 @@ def run_training(
     from .tracking import resolve_report_to
 
     accelerator = make_accelerator(config, deepspeed_launcher=bool(deepspeed_config))
-    try:
+
+    def check_input():
         check_batch_split(config.schedule, accelerator.num_processes)
         if deepspeed_config or accelerator.state.deepspeed_plugin is not None:
             check_deepspeed_precision(config)
@@ -51,9 +55,10 @@ def run_training(
         elif accelerator.state.deepspeed_plugin is not None:  # Accelerate cannot infer "auto" without
             plugin = accelerator.state.deepspeed_plugin  # prepared data loaders: fill it from our config
             fill_deepspeed_config(plugin.deepspeed_config, config, accelerator.num_processes)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input; else a bug: traceback
-        if accelerator.is_main_process:  # every rank sees the same input: say it once
-            report_error(str(e))
+        return prepared
+
+    prepared = checked_on_every_rank(accelerator, check_input, report_error)
+    if prepared is None:
         return finish_process(accelerator, 2)
     configure_progress(config.train.progress_bar and accelerator.is_main_process)
     run = Run(prepared, accelerator)
@@ -71,6 +76,45 @@ def run_training(
             f"\nrun directory: {prepared.run_dir}"
         )
     return finish_process(accelerator, 0)
+
+
+BAD_INPUT = (ConfigError, CheckpointError, FileNotFoundError)  # said as one line; anything else is a bug
+
+
+def checked_on_every_rank(
+    accelerator, check: Callable[[], T], report_error: Callable[[str], None]
+) -> T | None:
+    """Run the input checks on every rank, then decide together.
+
+    Every rank passes here before any rank writes: a rank slower to check must not find the run
+    directory that a faster rank has already started (it would refuse it as "already holds a run").
+    And one rank's refusal stops every rank, instead of leaving the others waiting in their next
+    collective while the refusing rank waits in its exit barrier. Returns ``check()``'s result, or
+    None when any rank refused; the refusal is said once, by the first rank that made it."""
+    try:
+        result, error = check(), None
+    except BAD_INPUT as e:
+        result, error = None, e
+    refused = refusing_ranks(accelerator, error is not None)
+    if not refused:
+        return result
+    if accelerator.process_index == refused[0]:
+        report_error(
+            str(error) if refused[0] == 0 else f"rank {refused[0]} of {accelerator.num_processes}: {error}"
+        )
+    return None
+
+
+def refusing_ranks(accelerator, refused: bool) -> list[int]:
+    """The ranks that refused, known to every rank (one all-reduce over the job's process group)."""
+    if accelerator.num_processes == 1:
+        return [0] if refused else []
+    import torch.distributed as dist
+
+    flags = torch.zeros(accelerator.num_processes, device=accelerator.device)
+    flags[accelerator.process_index] = float(refused)
+    dist.all_reduce(flags)
+    return flags.nonzero().flatten().tolist()
 
 
 def check_deepspeed_precision(config: Config) -> None:
