@@ -68,6 +68,14 @@ class SparsityArguments:
     )
     # ---- phase 2: cheap tickets ----------------------------------------------------------------
     tickets_num_cycles: int = field(default=3, metadata=_help("number of tickets; 0: the plain DST method"))
+    tickets_schedule: Literal["cycles", "tail"] = field(
+        default="cycles",
+        metadata=_help(
+            "cycles: the paper's, the Trainer's scheduler over phase 1, then a triangle LR per cycle; "
+            "tail: the Trainer's scheduler over the whole budget, the tickets taken at equal steps through "
+            "its last part (no step leaves phase 1; tickets_lr_low/high unused)"
+        ),
+    )
     tickets_cycle_steps: int | None = field(
         default=None, metadata=_help("optimizer steps per cycle (or give tickets_cycles_fraction)")
     )
@@ -76,8 +84,11 @@ class SparsityArguments:
     )
     tickets_lr_low: float = field(default=1e-3, metadata=_help("cycle LR at each cycle's start and end"))
     tickets_lr_high: float = field(default=5e-3, metadata=_help("cycle LR at mid-cycle"))
-    tickets_reexplore_fraction: float = field(
-        default=0.5, metadata=_help("drop/regrow-by-gradient fraction at each cycle start; 0: off")
+    tickets_reexplore_fraction: float | None = field(
+        default=None,
+        metadata=_help(
+            "drop/regrow-by-gradient fraction at each cycle start; 0: off; default 0.5 (cycles), 0 (tail)"
+        ),
     )
     tickets_mask_in_cycles: Literal["frozen", "update"] = field(default="frozen")
     tickets_merge: Literal["caa", "ema"] = field(default="caa")
@@ -135,6 +146,7 @@ class SparsityArguments:
         try:
             return TicketsConfig(
                 num_cycles=self.tickets_num_cycles,
+                schedule=self.tickets_schedule,
                 cycles_fraction=self.tickets_cycles_fraction,
                 lr_low=self.tickets_lr_low,
                 lr_high=self.tickets_lr_high,
@@ -167,6 +179,7 @@ class SparsityArguments:
             cycles_fraction=self.tickets_cycles_fraction,
             prune_start=self.sparse_granet_prune_start_step,
             prune_end=self.sparse_granet_prune_end_step,
+            lr_over_whole_budget=self.tickets_schedule == "tail",
             keys=TRAINER_PLAN_KEYS,
             budget="the Trainer's optimizer steps",
         )

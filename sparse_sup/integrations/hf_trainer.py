@@ -65,9 +65,9 @@ class TrainerEngine(SupTicketsEngine):
 
     def lr(self, step: int | None = None) -> float:
         step = self.step if step is None else step
-        if self.phases.cycle_of(step) is not None:
-            return super().lr(step)
-        return self.phase1_lr(step)
+        if self.tickets.schedule == "cycles" and self.phases.cycle_of(step) is not None:
+            return super().lr(step)  # the cycle's triangle
+        return self.phase1_lr(step)  # phase 1, and the whole budget with tickets_schedule="tail"
 
 
 class SupTicketsLR:
@@ -217,12 +217,15 @@ class SupTicketsTrainer(Trainer):
         return sys.maxsize, steps_per_epoch, *values
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The user's scheduler over phase 1 (``num_training_steps`` = the Trainer's budget), wrapped."""
+        """The user's scheduler over phase 1, or over the whole budget with ``tickets_schedule="tail"``
+        (``num_training_steps`` = the Trainer's budget), wrapped."""
         self.sparse_plan = self.sparsity_args.plan(num_training_steps, self._sup_steps_per_epoch)
         log.info("Sup-tickets plan: %s", self.sparse_plan.describe())
         if isinstance(self.lr_scheduler, SupTicketsLR):
             self.lr_scheduler = self.lr_scheduler.inner
-        inner = super().create_scheduler(self.sparse_plan.pre_steps, optimizer)
+        inner = super().create_scheduler(
+            self.sparse_plan.base_lr_steps or self.sparse_plan.pre_steps, optimizer
+        )
         self.lr_scheduler = SupTicketsLR(inner, self)
         return self.lr_scheduler
 

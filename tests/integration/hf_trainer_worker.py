@@ -33,6 +33,7 @@ DEFAULTS = dict(
     max_steps=-1,
     cycles=2,
     cycle_steps=3,
+    schedule="cycles",  # tickets_schedule: cycles | tail
     method="rigl",
     density=0.2,
     update_interval=4,
@@ -284,6 +285,7 @@ def build(**overrides):
         sparse_density=c["density"],
         sparse_update_interval=c["update_interval"],
         tickets_num_cycles=c["cycles"],
+        tickets_schedule=c["schedule"],
         tickets_cycle_steps=c["cycle_steps"],
         tickets_bn_recal_batch_size=32,
     )

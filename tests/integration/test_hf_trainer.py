@@ -394,6 +394,22 @@ def test_parameter_groups_keep_their_lr_ratio_in_phase1_and_in_the_cycles(runs):
         assert body == pytest.approx(head / 2, rel=1e-9), s["step"]
 
 
+def test_tail_schedule_follows_the_users_scheduler_over_the_whole_budget(runs):
+    """tickets_schedule="tail" in the Trainer, as in the CLI: the LR of every step is the base run's
+    (the user's linear schedule over all 12 steps, no triangle), masks never change in the tail (no
+    re-exploration), and the tickets are the models at its equal steps, each at exact density."""
+    base = runs(**TIMM, cycles=0)
+    tail = runs(**TIMM, schedule="tail")
+    check_run(tail, total=12, pre=8)
+    check_tickets(tail, ends=(10, 12))
+    lrs = [s["group_lrs"][0] for s in tail["steps"]]  # what each step used
+    assert lrs == [s["group_lrs"][0] for s in base["steps"]] == [s["lr"] for s in tail["steps"]]
+    assert lrs[0] == pytest.approx(0.05) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))  # linear decay
+    assert tail["summary"]["plan"]["ticket_schedule"] == "tail"
+    in_tail = [json.dumps(s["digests"], sort_keys=True) for s in tail["steps"] if s["step"] >= 8]
+    assert len(set(in_tail)) == 1  # frozen from the end of phase 1: no re-exploration in the tail
+
+
 @pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", "greedy"])
 def test_metric_driven_lr_schedulers_are_refused_at_construction(tmp_path, scheduler):
     from transformers import TrainingArguments

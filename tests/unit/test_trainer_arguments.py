@@ -11,21 +11,29 @@ from sparse_sup.integrations.arguments import SparsityArguments
 from sparse_sup.methods import METHODS, DSTMethod, register_method
 
 
+@pytest.mark.parametrize("schedule", ["cycles", "tail"])
 @pytest.mark.parametrize(
     "cycles, cycle_steps, fraction",
     [(3, None, None), (2, 5, None), (4, None, 0.25), (0, None, None)],
 )
-def test_trainer_plan_equals_the_cli_plan(cycles, cycle_steps, fraction) -> None:
-    """Same budget (100 samples / batch 5 x 3 epochs = 60 steps), same cycles: the same plan."""
+def test_trainer_plan_equals_the_cli_plan(cycles, cycle_steps, fraction, schedule) -> None:
+    """Same budget (100 samples / batch 5 x 3 epochs = 60 steps), same tickets: the same plan."""
     args = ["--schedule.epochs=3", "--schedule.batch_size=5", f"--tickets.num_cycles={cycles}"]
+    args += [f"--tickets.schedule={schedule}"]
     args += [f"--tickets.cycle_epochs={cycle_steps / 20}"] if cycle_steps else []
     args += [f"--tickets.cycles_fraction={fraction}"] if fraction else []
     args += ["--schedule.warmup_epochs=0", "--schedule.lr_milestones=[]", "--sparse.granet_prune_end_epoch=3"]
     cli = resolve_plan(load_config(None, args), 100)
-    trainer = SparsityArguments(
-        tickets_num_cycles=cycles, tickets_cycle_steps=cycle_steps, tickets_cycles_fraction=fraction
-    ).plan(60, 20)
-    assert trainer == cli
+    sparsity = SparsityArguments(
+        tickets_num_cycles=cycles,
+        tickets_cycle_steps=cycle_steps,
+        tickets_cycles_fraction=fraction,
+        tickets_schedule=schedule,
+    )
+    assert sparsity.plan(60, 20) == cli
+    # the CLI's resolution of the re-exploration default (0.5 with cycles, 0 in the tail)
+    ours, cli_tickets = sparsity.tickets_config(), load_config(None, args).tickets
+    assert (ours.schedule, ours.reexplore_fraction) == (cli_tickets.schedule, cli_tickets.reexplore_fraction)
 
 
 def test_trainer_plan_errors_name_the_trainer_arguments() -> None:
