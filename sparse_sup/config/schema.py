@@ -323,6 +323,10 @@ class TrainConfig:
     skip_nonfinite: bool = True  # skip (and do not count) a step whose gradients are inf/NaN
     compile: bool = False  # torch.compile: the wrapped model (one process, DDP) or each block (FSDP2)
     channels_last: bool = False  # convnets: weights and input batches in channels_last (one process, DDP)
+    # FSDP2 only: HSDP over a 2-D mesh (dp_replicate, world / dp_replicate): parameters sharded within
+    # each group of world / dp_replicate ranks (a node, say), the groups replicas of each other
+    # (gradients all-reduced across them); 1: plain FSDP over every rank
+    dp_replicate: int = 1
     ema: bool = False  # EMA of the weights (timm ModelEmaV3) inside the masks, evaluated beside
     ema_decay: float = 0.9998  # horizon ~ 1 / (1 - decay) optimizer steps
     save_tickets: bool = True
@@ -343,6 +347,7 @@ class TrainConfig:
         for tracker in self.report_to or ():
             _choice("train.report_to", tracker, ("tensorboard", "trackio", "wandb", "mlflow", "none"))
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _check(self.dp_replicate >= 1, "train.dp_replicate", self.dp_replicate, "an integer >= 1")
         _check(0 < self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in (0, 1)")
         _check(
             self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "null or >= 1"

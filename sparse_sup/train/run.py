@@ -45,7 +45,8 @@ def run_training(
         from ..backends.detect import detect_parallelism
         from .wrap import check_wrap_options
 
-        check_wrap_options(config, detect_parallelism(accelerator, deepspeed_launcher=bool(deepspeed_config)))
+        parallelism = detect_parallelism(accelerator, deepspeed_launcher=bool(deepspeed_config))
+        check_wrap_options(config, parallelism, accelerator.num_processes)
         from ..backends.deepspeed_config import fill_deepspeed_config
 
         if deepspeed_config:

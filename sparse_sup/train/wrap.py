@@ -19,10 +19,21 @@ SGD_NAMES = ("sgd", "momentum", "nesterov")  # the optimizer names that build to
 LOW_PRECISION = {"bf16": torch.bfloat16}  # FSDP2 computes in these through its MixedPrecisionPolicy
 
 
-def check_wrap_options(config: Config, parallelism: str) -> None:
-    """Refuse what the chosen engine cannot do with ``train.compile`` / ``train.channels_last``,
-    before anything is written (``ConfigError``, exit 2)."""
+def check_wrap_options(config: Config, parallelism: str, world_size: int = 1) -> None:
+    """Refuse what the chosen engine cannot do with ``train.compile`` / ``train.channels_last`` /
+    ``train.dp_replicate``, before anything is written (``ConfigError``, exit 2)."""
     c = config.train
+    if c.dp_replicate > 1 and parallelism != "fsdp2":
+        raise ConfigError(
+            f"train.dp_replicate={c.dp_replicate} (HSDP) under {parallelism}: it shapes FSDP2's device "
+            "mesh. Launch with FSDP2 (launch/accelerate/fsdp2-*.yaml), or leave train.dp_replicate=1"
+        )
+    if world_size % c.dp_replicate:
+        raise ConfigError(
+            f"train.dp_replicate={c.dp_replicate} does not divide the {world_size} processes: HSDP's mesh is "
+            f"(dp_replicate, processes / dp_replicate); use a divisor of {world_size} (the processes per "
+            "node is the usual shard group)"
+        )
     if c.compile and parallelism == "deepspeed":
         raise ConfigError(
             "train.compile=true under DeepSpeed: the DeepSpeedEngine wraps the model and runs the "
@@ -51,6 +62,16 @@ def fsdp2_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     return optimizer
 
 
+def hsdp_mesh(replicas: int, world_size: int):
+    """The 2-D (replicate, shard) device mesh of HSDP, or None (plain FSDP over every rank)."""
+    if replicas == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
+
+
 def wrap_model(prepared: Prepared, accelerator) -> tuple[torch.nn.Module, object]:
     """(prepared model, optimizer): a ``DeepSpeedEngine`` under the deepspeed launcher or
     Accelerate's DeepSpeed plugin; for FSDP2 the model sharded here per block (CPU and GPUs alike),
@@ -58,7 +79,7 @@ def wrap_model(prepared: Prepared, accelerator) -> tuple[torch.nn.Module, object
     else Accelerate's DDP / single-process wrap, then ``torch.compile`` of the wrapped model."""
     c, model = prepared.config, prepared.model
     parallelism = "deepspeed" if prepared.deepspeed_config is not None else detect_parallelism(accelerator)
-    check_wrap_options(c, parallelism)
+    check_wrap_options(c, parallelism, accelerator.num_processes)
     if prepared.deepspeed_config is not None:  # the deepspeed launcher: DeepSpeed wraps the model
         import deepspeed
 
@@ -73,8 +94,9 @@ def wrap_model(prepared: Prepared, accelerator) -> tuple[torch.nn.Module, object
         if torch.cuda.is_available():
             model = model.to(accelerator.device)
         param_dtype = LOW_PRECISION.get(c.train.precision)
-        fsdp2_shard_model(model, param_dtype=param_dtype, compile_blocks=c.train.compile)
-        log.info("FSDP2: %s", fsdp2_describe(model))
+        mesh = hsdp_mesh(c.train.dp_replicate, accelerator.num_processes)
+        fsdp2_shard_model(model, mesh=mesh, param_dtype=param_dtype, compile_blocks=c.train.compile)
+        log.info("FSDP2: %s%s", fsdp2_describe(model), "" if mesh is None else f", HSDP mesh {mesh}")
         # the optimizer over the DTensor parameters; not handed to Accelerate: on GPUs its FSDP2
         # prepare() wants the model too and would shard it again with its own policy
         return model, fsdp2_optimizer(model, c)

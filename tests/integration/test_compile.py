@@ -44,7 +44,13 @@ def test_compile_one_process_runs_to_the_end(tmp_path):
 def test_compile_ddp_after_wrapping(tmp_path):
     """2 processes (gloo): the DDP-wrapped model compiled, 8 steps with 2 topology updates and
     check_invariants (1 min 46 s on 2 busy cores)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/ddp-cpu.yaml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "launch/accelerate/ddp-cpu.yaml",
+    ]
     cmd += ["train.py", "--config", "configs/tiny-test.yaml", "--sparse.check_invariants=true"]
     cmd += ["--train.compile=true", "--train.max_steps=8", f"--experiment.output_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
@@ -58,7 +64,13 @@ def test_compile_ddp_after_wrapping(tmp_path):
 def test_compile_fsdp2_per_block(tmp_path):
     """2 processes (gloo): each block compiled before it is sharded (static shapes), 8 steps with 2
     topology updates and check_invariants (1 min 14 s on 2 busy cores)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/fsdp2-cpu.yaml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "launch/accelerate/fsdp2-cpu.yaml",
+    ]
     cmd += ["train.py", "--config", "configs/tiny-test.yaml", "--sparse.check_invariants=true"]
     cmd += ["--train.compile=true", "--train.max_steps=8", f"--experiment.output_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
@@ -90,3 +102,19 @@ def test_refused_where_it_cannot_work(overrides, parallelism, match):
         check_wrap_options(config, parallelism)
     for allowed in ("single", "ddp"):
         check_wrap_options(config, allowed)
+
+
+@pytest.mark.parametrize(
+    "parallelism, world, match",
+    [
+        ("single", 1, r"train\.dp_replicate=2 \(HSDP\) under single"),
+        ("ddp", 2, r"train\.dp_replicate=2 \(HSDP\) under ddp"),
+        ("deepspeed", 2, r"train\.dp_replicate=2 \(HSDP\) under deepspeed"),
+        ("fsdp2", 3, r"train\.dp_replicate=2 does not divide the 3 processes"),
+    ],
+)
+def test_hsdp_refused_where_its_mesh_cannot_exist(parallelism, world, match):
+    config = load_config(ROOT / "configs" / "tiny-test.yaml", ["--train.dp_replicate=2"])
+    with pytest.raises(ConfigError, match=match):
+        check_wrap_options(config, parallelism, world)
+    check_wrap_options(config, "fsdp2", 4)
