@@ -44,3 +44,27 @@ def test_one_rank_refusing_stops_every_rank_and_says_why(tmp_path):
     said = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert said == ["error: rank 1 of 2: rank-local refusal of run"], proc.stderr[-4000:]
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written
+
+
+def test_the_dataset_is_prepared_once_per_node_before_the_other_ranks_read_it(tmp_path):
+    """A fresh datasets cache, 2 ranks: the parquet files are converted to Arrow once, and the other
+    rank reads that cache. ``datasets`` gives this itself (its builder holds a file lock on the cache
+    folder while it prepares), so no barrier of ours is needed; this guards the property."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    proc = subprocess.run(
+        [*cmd, *ARGS, f"--experiment.output_dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("Generating train split: 0 examples") == 1, proc.stderr[-4000:]
+    assert proc.stderr.count("loaded 'bundled'") == 2  # both ranks loaded it
