@@ -81,6 +81,11 @@ class DataConfig:
     mixup: float = 0.0  # mixup alpha (0: off); soft targets with timm SoftTargetCrossEntropy
     cutmix: float = 0.0  # cutmix alpha (0: off); with both on, timm switches with probability 0.5
     pin_memory: bool = True  # training batches pinned (GPU only) and copied non_blocking
+    # the training split read as a stream (local parquet files or WebDataset .tar shards): sharded
+    # over ranks and workers, resumable mid-epoch; its order depends on the world size and workers
+    streaming: bool = False
+    shuffle_buffer: int = 10_000  # streaming: samples in the shuffle buffer (files are shuffled too)
+    train_samples: int | None = None  # streaming: samples per epoch where the files do not say
 
     def __post_init__(self) -> None:
         _choice("data.style", self.style, ("cifar", "imagenet"))
@@ -104,6 +109,13 @@ class DataConfig:
             )
         _check(self.image_size > 0, "data.image_size", self.image_size, "a positive integer")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
+        _check(
+            self.train_samples is None or self.train_samples >= 1,
+            "data.train_samples",
+            self.train_samples,
+            "null or an integer >= 1",
+        )
         _check(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive integer")
         for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)

@@ -29,14 +29,14 @@ from .transforms import CIFAR10_MEAN, CIFAR10_STD, KeyedErasing, Normalize, Timm
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "cifar10-mini"
-IMAGE_NAMES = ("img", "image", "images", "pixel_values")
-LABEL_NAMES = ("label", "labels", "fine_label", "target")
+IMAGE_NAMES = ("img", "image", "images", "pixel_values", "jpg", "jpeg", "png", "webp")  # + WebDataset's
+LABEL_NAMES = ("label", "labels", "fine_label", "target", "cls")
 
 Key = tuple[int, int]
 
 
 class SplitDatasets(NamedTuple):
-    train: hf.Dataset
+    train: hf.Dataset | hf.IterableDataset  # a stream with ``streaming=True``
     eval: hf.Dataset
     num_classes: int
     class_names: list[str]
@@ -52,12 +52,14 @@ def load_split_datasets(
     train_split: str = "train",
     eval_split: str = "test",
     cache_dir: str | None = None,
+    streaming: bool = False,
 ) -> SplitDatasets:
-    """Load train/eval splits from ``"bundled"``, a local folder (parquet files or imagefolder
-    layout) or a hub dataset name already in the local cache (never downloads).
+    """Load train/eval splits from ``"bundled"``, a local folder (parquet files, WebDataset ``.tar``
+    shards or imagefolder layout) or a hub dataset name already in the local cache (never downloads).
 
     Image/label columns are detected when not given; the returned datasets have the columns renamed
-    to ``image`` and ``label``.
+    to ``image`` and ``label``. ``streaming``: the training split is read as an iterable (local
+    folders only), the evaluation split as usual.
     """
     splits = (train_split, eval_split)
     if source == "bundled":
@@ -65,11 +67,17 @@ def load_split_datasets(
             raise FileNotFoundError(
                 f"bundled CIFAR-10 mini split missing at {BUNDLED_DIR} (package data not installed?)"
             )
-        dsd = _load_parquet_dir(BUNDLED_DIR, splits, cache_dir)
+        dsd = _load_local(BUNDLED_DIR, splits, cache_dir, streaming)
     elif os.path.exists(os.path.expanduser(source)):
-        dsd = _load_local(Path(source).expanduser(), splits, cache_dir)
+        dsd = _load_local(Path(source).expanduser(), splits, cache_dir, streaming)
     elif _looks_like_path(source):
         raise FileNotFoundError(f"dataset path does not exist: {os.path.abspath(os.path.expanduser(source))}")
+    elif streaming:
+        raise ConfigError(
+            f"data.streaming=true with data.source={source!r}: streaming reads local files (parquet, "
+            "WebDataset .tar shards or an image folder); hub downloads are impossible here. Pass the "
+            "folder that holds the files, or data.streaming=false for a dataset in the local cache"
+        )
     else:
         dsd = _load_hub_cached(source, cache_dir)
 
@@ -77,20 +85,21 @@ def load_split_datasets(
     if missing:
         raise ConfigError(f"split(s) {missing} not found in {source!r}; available splits: {list(dsd)}")
     train, eval_ = dsd[train_split], dsd[eval_split]
-    image_column = _pick_column(train.features, image_column, hf.Image, IMAGE_NAMES, "image")
-    label_column = _pick_column(train.features, label_column, hf.ClassLabel, LABEL_NAMES, "label")
+    features = eval_.features if streaming else train.features  # a stream may not know its own yet
+    image_column = _pick_column(features, image_column, hf.Image, IMAGE_NAMES, "image")
+    label_column = _pick_column(features, label_column, hf.ClassLabel, LABEL_NAMES, "label")
     lacking = {image_column, label_column} - set(eval_.column_names)
     if lacking:
         raise ConfigError(
             f"split {eval_split!r} lacks column(s) {sorted(lacking)}; columns: {eval_.column_names}"
         )
 
-    class_names = _class_names(train, eval_, label_column)
+    class_names = _class_names(eval_ if streaming else train, eval_, label_column)
     train, eval_ = (_canonical(ds, image_column, label_column) for ds in (train, eval_))
     log.info(
-        "loaded %r: %d train / %d eval examples, %d classes (image=%r, label=%r)",
+        "loaded %r: %s train / %d eval examples, %d classes (image=%r, label=%r)",
         source,
-        len(train),
+        "a stream of" if streaming else len(train),
         len(eval_),
         len(class_names),
         image_column,
@@ -103,18 +112,39 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith(".parquet")
 
 
-def _load_local(root: Path, splits: Sequence[str], cache_dir: str | None) -> hf.DatasetDict:
+FILE_BUILDERS = {"parquet": "parquet", "tar": "webdataset"}  # file suffix -> datasets builder
+
+
+def _load_local(root: Path, splits: Sequence[str], cache_dir: str | None, streaming: bool = False) -> dict:
+    """``{split: dataset}`` of a local folder; with ``streaming`` the first split is a stream."""
     if not root.is_dir():
         raise ConfigError(f"expected a directory of parquet files or an imagefolder tree, got file {root}")
-    if any(root.rglob("*.parquet")):
-        return _load_parquet_dir(root, splits, cache_dir)
-    log.info("no parquet files under %s: loading it as an imagefolder", root)
-    return hf.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+    suffix = next((x for x in FILE_BUILDERS if any(root.rglob(f"*.{x}"))), None)
+    if suffix is not None:
+        builder, files = FILE_BUILDERS[suffix], split_files(root, splits, suffix)
+    else:
+        log.info("no parquet or tar files under %s: loading it as an imagefolder", root)
+        builder, files = "imagefolder", None
+    if not streaming:
+        if files is None:
+            return hf.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+        return hf.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+    train, eval_ = splits
+    where = {"data_dir": str(root)} if files is None else {"data_files": files}
+    stream = hf.load_dataset(builder, **where, streaming=True)
+    if train not in stream:
+        return {}  # the caller names the missing split
+    if files is None:
+        evaluation = hf.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir, split=eval_)
+    else:
+        evaluation = hf.load_dataset(builder, data_files={eval_: files[eval_]}, cache_dir=cache_dir)[eval_]
+    return {train: stream[train], eval_: evaluation}
 
 
-def _load_parquet_dir(root: Path, splits: Sequence[str], cache_dir: str | None) -> hf.DatasetDict:
-    """Parquet files of a split are those named ``<split>*.parquet`` or under a ``<split>/`` folder."""
-    files = sorted(root.rglob("*.parquet"))
+def split_files(root: Path, splits: Sequence[str], suffix: str = "parquet") -> dict[str, list[str]]:
+    """The ``.<suffix>`` files of each split: those named ``<split>*.<suffix>`` or under a
+    ``<split>/`` folder."""
+    files = sorted(root.rglob(f"*.{suffix}"))
     data_files = {}
     for split in splits:
         chosen = [
@@ -126,9 +156,9 @@ def _load_parquet_dir(root: Path, splits: Sequence[str], cache_dir: str | None) 
         ]
         if not chosen:
             found = [str(f.relative_to(root)) for f in files]
-            raise FileNotFoundError(f"no parquet files for split {split!r} under {root}; found: {found}")
+            raise FileNotFoundError(f"no {suffix} files for split {split!r} under {root}; found: {found}")
         data_files[split] = chosen
-    return hf.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir)
+    return data_files
 
 
 @contextlib.contextmanager
@@ -193,6 +223,9 @@ def _label_array(ds: hf.Dataset, label_column: str) -> np.ndarray:
 
 def _canonical(ds: hf.Dataset, image_column: str, label_column: str) -> hf.Dataset:
     ds = ds.select_columns([image_column, label_column])
+    feature = (ds.features or {}).get(image_column)
+    if isinstance(feature, dict) and "bytes" in feature:  # encoded images without datasets' metadata
+        ds = ds.cast_column(image_column, hf.Image())
     renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
     return ds.rename_columns(renames) if renames else ds
 
@@ -288,18 +321,23 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     # ---- host half: uint8 -------------------------------------------------------------------
     def raw(self, key: Key) -> torch.Tensor:
         """uint8 [3,H,W] of one sample after decoding and the per-sample PIL transforms."""
-        epoch, index = key
-        if self.style == "imagenet":
-            image = _to_rgb(self._decode(index))
-            return self.pil_transform(image, sample_key(self.seed, epoch, index))
         if self.images is not None:
-            image = self.images[index]
-        else:
-            image = _pil_to_uint8(_to_rgb(self._decode(index), self.image_size))
+            return self._policy(self.images[key[1]], key)
+        return self.transform_image(self._decode(key[1]), key)
+
+    def transform_image(self, image: Image.Image, key: Key) -> torch.Tensor:
+        """uint8 [3,H,W] of a decoded image under sample key ``key`` (the per-sample PIL transforms;
+        also what a stream of this dataset's images goes through, ``data.streaming``)."""
+        if self.style == "imagenet":
+            return self.pil_transform(_to_rgb(image), sample_key(self.seed, *key))
+        return self._policy(_pil_to_uint8(_to_rgb(image, self.image_size)), key)
+
+    def _policy(self, image: torch.Tensor, key: Key) -> torch.Tensor:
+        """CIFAR style: a timm policy (``auto_augment`` / ``color_jitter``) on the uint8 image, if any."""
         if self.pil_transform.transform is None:
             return image
         pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-        return self.pil_transform(pil, sample_key(self.seed, epoch, index))
+        return self.pil_transform(pil, sample_key(self.seed, *key))
 
     def raw_batch(self, keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(uint8 images [B,3,H,W], int64 labels [B], int64 sample keys [B]): what crosses to the
@@ -311,6 +349,21 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         else:
             images = torch.stack([self.raw(k) for k in keys])
         return images, self.labels[indices], skeys
+
+    def host_loader(self, batch_sampler: Iterable[Sequence[Key]], num_workers: int, pin_memory: bool):
+        """Training's host loader: ``(uint8 images, labels, sample keys)`` per micro-batch of keys."""
+        if self.in_memory:
+            return _MainProcessLoader(self, batch_sampler, pin_memory)
+        return DataLoader(
+            RawView(self),
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            # the workers' base seed is drawn from this generator, not from the global RNG that
+            # dropout uses; augmentation draws from sample keys, so the base seed changes no result
+            generator=torch.Generator().manual_seed(0),
+        )
 
     # ---- device half: float -----------------------------------------------------------------
     def finish(self, images: torch.Tensor, skeys: torch.Tensor) -> torch.Tensor:
@@ -353,6 +406,23 @@ class RawView(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- loaders
+
+
+class _MainProcessLoader:
+    """In-memory datasets: one gather per batch in the main process (no workers, no collate)."""
+
+    def __init__(self, dataset: ImageClassificationDataset, batch_sampler, pin_memory: bool) -> None:
+        self.dataset, self.batch_sampler, self.pin_memory = dataset, batch_sampler, pin_memory
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for keys in self.batch_sampler:
+            images, labels, skeys = self.dataset.raw_batch(keys)
+            if self.pin_memory and images.device.type == "cpu":  # not for images kept on the GPU
+                images, labels, skeys = images.pin_memory(), labels.pin_memory(), skeys.pin_memory()
+            yield images, labels, skeys
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
 
 
 class InMemoryLoader:

@@ -13,14 +13,13 @@ exactly the same pairs are mixed at any world size.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from .datasets import ImageClassificationDataset, RawView
+from .datasets import ImageClassificationDataset
 from .keys import mix32
 
 Key = tuple[int, int]
@@ -114,20 +113,11 @@ class TrainInput:
 
     # ---- host side -------------------------------------------------------------------------
     def loader(self, batch_sampler: Iterable[Sequence[Key]], num_workers: int = 0) -> Iterable[HostBatch]:
-        """Iterable of ``(uint8 images, labels, sample keys)``; re-iterate after ``set_epoch``."""
+        """Iterable of ``(uint8 images, labels, sample keys)``; re-iterate after ``set_epoch``. The
+        dataset builds it (``host_loader``): a map-style one from the sampler's keys, a stream
+        (``data.streaming``) from the sampler's epoch, rank and position."""
         pin = self.pin_memory and torch.cuda.is_available()
-        if self.dataset.in_memory:
-            return _MainProcessLoader(self.dataset, batch_sampler, pin)
-        return DataLoader(
-            RawView(self.dataset),
-            batch_sampler=batch_sampler,
-            num_workers=num_workers,
-            pin_memory=pin,
-            persistent_workers=num_workers > 0,
-            # the workers' base seed is drawn from this generator, not from the global RNG that
-            # dropout uses; augmentation draws from sample keys, so the base seed changes no result
-            generator=torch.Generator().manual_seed(0),
-        )
+        return self.dataset.host_loader(batch_sampler, num_workers, pin)
 
     # ---- device side -----------------------------------------------------------------------
     def to_device(
@@ -149,20 +139,3 @@ class TrainInput:
         if self._soft_loss is not None:
             return self._soft_loss(logits.float(), targets)
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-
-
-class _MainProcessLoader:
-    """In-memory datasets: one gather per batch in the main process (no workers, no collate)."""
-
-    def __init__(self, dataset: ImageClassificationDataset, batch_sampler, pin_memory: bool) -> None:
-        self.dataset, self.batch_sampler, self.pin_memory = dataset, batch_sampler, pin_memory
-
-    def __iter__(self) -> Iterator[HostBatch]:
-        for keys in self.batch_sampler:
-            images, labels, skeys = self.dataset.raw_batch(keys)
-            if self.pin_memory and images.device.type == "cpu":  # not for images kept on the GPU
-                images, labels, skeys = images.pin_memory(), labels.pin_memory(), skeys.pin_memory()
-            yield images, labels, skeys
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)

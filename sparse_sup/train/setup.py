@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config, ConfigError, StepPlan, resolve_plan
 from ..data import ImageClassificationDataset, TrainInput, dataset_normalization, load_split_datasets
+from ..data.streaming import StreamingImages, stream_head, stream_size
 from ..models import build_model, select_targets
 from .optim import check_optimizer_name
 
@@ -25,7 +26,7 @@ class Prepared:
     config: Config
     model: torch.nn.Module
     target_names: list[str]
-    train_set: ImageClassificationDataset
+    train_set: ImageClassificationDataset | StreamingImages  # a stream with data.streaming
     eval_set: ImageClassificationDataset
     bn_set: ImageClassificationDataset  # training images, augmented unless tickets.bn_recal_augment=false
     plan: StepPlan
@@ -63,6 +64,22 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
         )
 
 
+def check_streaming(config: Config) -> int:
+    """The samples a streamed run keeps in memory for BN recalibration (0 without streaming). A
+    stream has no random access, so recalibration draws from its first
+    ``tickets.bn_recal_batches x data.eval_batch_size`` samples: that number must be given."""
+    d, t = config.data, config.tickets
+    if not d.streaming:
+        return 0
+    if t.num_cycles and t.bn_recalibration and t.bn_recal_batches is None:
+        raise ConfigError(
+            "data.streaming=true with tickets.bn_recal_batches=null (one pass over the training set): a "
+            "stream is recalibrated from its first samples, kept in memory; set tickets.bn_recal_batches=N "
+            f"(N x data.eval_batch_size={d.eval_batch_size} samples), or tickets.bn_recalibration=false"
+        )
+    return max(1, (t.bn_recal_batches or 1) * d.eval_batch_size)
+
+
 def prepare(config: Config, resume: str | None = None) -> Prepared:
     """Model, data and step plan; raises ConfigError/FileNotFoundError with a clear message on bad
     input, before anything is written. ``resume``: ``auto`` or a checkpoint/run path (``--resume``)."""
@@ -77,9 +94,23 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
         check_run_dir(run_dir, config.experiment.overwrite)
     check_optimizer_name(config.optim)  # timm's registry, before anything is written
     d = config.data
-    splits = load_split_datasets(d.source, d.image_column, d.label_column, d.train_split, d.eval_split)
+    recal_samples = check_streaming(config)
+    splits = load_split_datasets(
+        d.source, d.image_column, d.label_column, d.train_split, d.eval_split, streaming=d.streaming
+    )
     train_hf, eval_hf = splits.train, splits.eval
-    if d.max_train_samples:
+    if d.streaming:
+        num_train = d.train_samples or stream_size(d.source, d.train_split)
+        if num_train is None:
+            raise ConfigError(
+                f"data.streaming: the number of training samples of {d.source!r} is not written in its "
+                "files (an image folder); set data.train_samples=N"
+            )
+        if d.max_train_samples:
+            num_train = min(num_train, d.max_train_samples)
+            train_hf = train_hf.take(num_train)
+        train_hf_head = stream_head(train_hf, recal_samples)  # BN recalibration's set, in memory
+    elif d.max_train_samples:
         train_hf = train_hf.select(range(min(d.max_train_samples, len(train_hf))))
     if d.max_eval_samples:
         eval_hf = eval_hf.select(range(min(d.max_eval_samples, len(eval_hf))))
@@ -110,7 +141,11 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
     common.update(
         auto_augment=d.auto_augment, color_jitter=d.color_jitter, re_prob=d.re_prob, crop_pct=d.crop_pct
     )
-    train_set = ImageClassificationDataset(train_hf, train=True, **common)
+    if d.streaming:  # the stream's images go through the training transform of its head's dataset
+        images = ImageClassificationDataset(train_hf_head, train=True, **common)
+        train_set = StreamingImages(train_hf, num_train, images, d.shuffle_buffer)
+    else:
+        images = train_set = ImageClassificationDataset(train_hf, train=True, **common)
     train_input = TrainInput(
         train_set, num_classes, config.optim.label_smoothing, d.mixup, d.cutmix, pin_memory=d.pin_memory
     )
@@ -118,12 +153,12 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
     # BN statistics must match what the layers saw in training: by default recalibration draws its
     # batches through the training transform (with keys of its own, see recalibration_batches)
     if config.tickets.bn_recal_augment:
-        bn_set = train_set
-    elif train_set.in_memory:
-        bn_set = copy.copy(train_set)  # shares the decoded images; no augmentation
+        bn_set = images
+    elif images.in_memory:
+        bn_set = copy.copy(images)  # shares the decoded images; no augmentation
         bn_set.train = False
     else:
-        bn_set = ImageClassificationDataset(train_hf, train=False, **common)
+        bn_set = ImageClassificationDataset(train_hf_head if d.streaming else train_hf, train=False, **common)
     plan = resolve_plan(config, len(train_set))
     return Prepared(
         config,

@@ -181,3 +181,54 @@ def test_deepspeed_resume_at_another_world_size_is_refused(tmp_path):
     assert proc.stderr.count("error: --resume: checkpoint") == 1, proc.stderr[-3000:]  # rank 0 says it
     assert "written by 1 processes and this job has 2: DeepSpeed's engine checkpoint" in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == before  # nothing touched
+
+
+def write_tar_shards(root: Path, train_files: int = 4, train: int = 512, test: int = 128) -> Path:
+    """The bundled images as WebDataset shards (``<key>.jpg`` + ``<key>.cls``): ``train_files``
+    training tars and one test tar."""
+    import io
+    import tarfile
+
+    from sparse_sup.data import load_split_datasets
+
+    splits = load_split_datasets("bundled")
+    root.mkdir(parents=True)
+
+    def shard(path: Path, ds, ids) -> None:
+        with tarfile.open(path, "w") as tar:
+            for i in ids:
+                row = ds[i]
+                buf = io.BytesIO()
+                row["image"].save(buf, format="JPEG", quality=95)
+                for suffix, data in (("jpg", buf.getvalue()), ("cls", str(row["label"]).encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    per = train // train_files
+    for f in range(train_files):
+        shard(root / f"train-{f:05d}.tar", splits.train, range(f * per, (f + 1) * per))
+    shard(root / "test-00000.tar", splits.eval, range(test))
+    return root
+
+
+def test_streamed_run_killed_mid_epoch_resumes_identical(tmp_path):
+    """data.streaming over 4 WebDataset shards, 2 DDP processes (2 shards each), 2 workers each
+    (1 shard each): killed at step 13, mid-epoch (8 steps per epoch; the newest checkpoint is step
+    10), and resumed, the run ends equal to the uninterrupted streamed run."""
+    shards = write_tar_shards(tmp_path / "shards")
+    extra = (
+        f"--data.source={shards}",
+        "--data.streaming=true",
+        "--data.num_workers=2",
+        "--tickets.bn_recal_batches=1",
+        "--sparse.check_ranks=true",
+    )
+    reference = tmp_path / "reference"
+    proc = train(reference, 2, extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parallelism: ddp over 2 process(es)" in proc.stderr and "a stream of" in proc.stderr
+    run_dir = tmp_path / "run"
+    kill_and_resume(run_dir, [("step", 13)], 2, extra)
+    assert_identical(snapshot(run_dir), snapshot(reference))
+    check_metrics_continue(run_dir)
