@@ -292,10 +292,10 @@ def _acc(summary: dict, label: str) -> float | None:
 def _last_quarter_gain(spec: RunSpec, summary: dict) -> float | None:
     """Final accuracy minus the run's own evaluation at 3/4 of its steps (``--train.eval_every_epochs``
     puts one there); None where the run has none. Under 0.5 points: the run reached its plateau."""
-    at = 3 * summary["plan"]["total_steps"] // 4
     path = spec.dir / "metrics.jsonl"
-    if not path.exists():
+    if "total_steps" not in summary["plan"] or not path.exists():
         return None
+    at = 3 * summary["plan"]["total_steps"] // 4
     events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     mid = [e["accuracy"] for e in events if e.get("event") == "eval" and e.get("label") == f"step_{at}"]
     return _acc(summary, "final") - mid[0] if mid else None
