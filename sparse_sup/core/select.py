@@ -244,9 +244,7 @@ def top_k_masks(
         return _search_keys(flat if positions is None else flat[positions], bits, largest)
 
     sizes = [p.scores.numel() for p in pieces]
-    chosen, tied_owed, positions = _radix_smallest(
-        value_key, sizes, groups, alive, want, bits, collectives
-    )
+    chosen, tied_owed, positions = _radix_smallest(value_key, sizes, groups, alive, want, bits, collectives)
     if bool((tied_owed > 0).any()):  # the tied candidates: compacted after the last pass
         tied = [torch.arange(n, device=device) if t is None else t for t, n in zip(positions, sizes)]
         by_index = _lowest_indices(pieces, tied, tied_owed, collectives)
