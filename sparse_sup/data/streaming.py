@@ -135,6 +135,9 @@ class _StreamLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin,
             drop_last=True,
+            # every iter() draws a base seed; from the global RNG (dropout's) a resumed run, which
+            # builds this epoch's iterator once more, would see other dropout than the uninterrupted one
+            generator=torch.Generator().manual_seed(0),
         )
         batches = iter(loader)
         needed = s.steps_per_epoch * s.grad_accum_steps

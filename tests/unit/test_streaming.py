@@ -126,3 +126,17 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ConfigError, match="streaming reads local files"):
         load_split_datasets("some/hub-dataset", streaming=True)
     assert isinstance(load_split_datasets("bundled", streaming=True).train, hf.IterableDataset)
+
+
+def test_an_epochs_loader_leaves_the_global_rng_alone(tmp_path):
+    """Dropout draws from the global RNG, and a resumed run builds its epoch's loader once more than
+    the uninterrupted run: the loader must not draw from it (with 0 and 2 workers)."""
+    import torch
+
+    images = streamed(write_tars(tmp_path / "t", 2))
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        expected = torch.rand(1)
+        torch.manual_seed(0)
+        list(images.host_loader(GlobalBatchSampler(N, 16, 1, 0, seed=3), workers, False))
+        assert torch.equal(torch.rand(1), expected), workers
