@@ -33,8 +33,8 @@ Tiers (``--tier``):
                  session (run with ``--jobs 3``).
 * ``converged`` -- the paper's claim at convergence: RigL (3 seeds), SET and GraNet (1 seed each),
                  base against the paper's schedule and the ``tail15`` default, ResNet-32 at half
-                 width for 24 epochs (~75 min with ``--jobs 2``); the base runs' last-quarter gain
-                 says whether they reached their plateau.
+                 width for 24 epochs (96 min with ``--jobs 2`` on 2 cores, 2026-12-05); the
+                 base runs' last-quarter gain says whether they reached their plateau.
 * ``smoke``   -- two seconds-long runs of the tiny test config, for the test suite.
 
 Usage: python bench/reproduce.py --tier cpu --jobs 2 [--out runs/reproduce-cpu] [--doc docs/RESULTS.md]
@@ -161,10 +161,11 @@ TIERS = {
         ("base", "cycles15", "cycles15-noreexp", "tail15", "tail30", "tail30-noP"),
         ["--train.progress_bar=false"],
     ),
-    # The paper claims its gain at convergence. Sized to ~75 min with --jobs 2 on 2 cores: ResNet-32 at
-    # half width (a quarter of the FLOPs; 0.34 s per step of 128 with two runs side by side, against
-    # 0.78 s at full width) trains 24 epochs = 1872 steps per run. The base runs evaluate every 6
-    # epochs, so the table can show whether they reached their plateau (the last quarter's gain).
+    # The paper claims its gain at convergence. Sized to ~75 min with --jobs 2 on 2 cores (it took 96
+    # on 2026-12-05: 645-834 s per run, two processes at a time on the 2 cores). ResNet-32 at half
+    # width (a quarter of the FLOPs; 0.34 s per step of 128 with two runs side by side, against 0.78 s
+    # at full width) trains 24 epochs = 1872 steps per run. The base runs evaluate every 6 epochs, so
+    # the table can show whether they reached their plateau (the last quarter's gain).
     "converged": Tier(
         "converged CPU tier: ResNet-32 at half width (8/16/32 channels), bundled CIFAR-10 mini (10k/2k), "
         "24 epochs, density 0.1",
