@@ -18,10 +18,15 @@ class Timeline:
             total_steps=plan.total_steps, num_cycles=plan.num_cycles, cycle_steps=plan.cycle_steps
         )
 
+    def triangle_cycle(self, step: int) -> int | None:
+        """The cycle whose triangle sets the LR of the step after ``step``; None where the base
+        schedule sets it (phase 1, and the whole budget with ``tickets.schedule=tail``)."""
+        return self.phases.cycle_of(step) if self.tickets.schedule == "cycles" else None
+
     def lr(self, step: int) -> float:
         """Group 0's LR for the optimizer step taken after ``step`` completed steps."""
-        cycle = self.phases.cycle_of(step)
-        if cycle is not None and self.tickets.schedule == "cycles":
+        cycle = self.triangle_cycle(step)
+        if cycle is not None:
             within = min(
                 step - self.plan.pre_steps - cycle * self.plan.cycle_steps, self.plan.cycle_steps - 1
             )

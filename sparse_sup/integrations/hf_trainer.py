@@ -65,7 +65,7 @@ class TrainerEngine(SupTicketsEngine):
 
     def lr(self, step: int | None = None) -> float:
         step = self.step if step is None else step
-        if self.tickets.schedule == "cycles" and self.phases.cycle_of(step) is not None:
+        if self.timeline.triangle_cycle(step) is not None:
             return super().lr(step)  # the cycle's triangle
         return self.phase1_lr(step)  # phase 1, and the whole budget with tickets_schedule="tail"
 
