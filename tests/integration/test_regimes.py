@@ -111,17 +111,18 @@ def max_difference(got: dict, want: dict) -> float:
 
 @pytest.mark.parametrize("engine, resume_with", [("ddp", 1), ("ddp", 3), ("fsdp2", 3)])
 def test_run_checkpoint_resumes_at_another_world_size(tmp_path, engine, resume_with):
-    """Stopped after 20 of 60 steps by 2 processes, resumed with 1 or 3: masks, tickets and the
-    superposed model are read in the new placement. Tolerance: weights within 1e-5 of the
-    uninterrupted 2-process run (gradients are averaged in another order; measured below), every
-    mask and per-layer count identical, the same P, ticket and S accuracies."""
+    """Killed (SIGKILL, mid-step 26 of 60, after the checkpoint at step 20) while on 2 processes,
+    resumed with 1 or 3: masks, tickets and the superposed model are read in the new placement.
+    Tolerance: weights within 1e-5 of the uninterrupted 2-process run (gradients are averaged in
+    another order; measured below), every mask and per-layer count identical, the same P, ticket
+    and S accuracies."""
     env = {"ACCELERATE_USE_FSDP": "true"} if engine == "fsdp2" else None
     args = (*VIT_48, "--checkpoint.every_steps=1000", "--checkpoint.at_cycle_ends=false")
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     proc = train(reference, 2, args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = train(run_dir, 2, (*args, "--train.max_steps=20", "--checkpoint.every_steps=20"), env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train(run_dir, 2, (*args, "--checkpoint.every_steps=20"), kill=("step", 26), env=env)
+    assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), proc.stderr[-3000:]
     proc = train(run_dir, resume_with, (*args, "--resume", "auto"), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and f"over {resume_with} process(es)" in proc.stderr
