@@ -118,7 +118,9 @@ print(json.dumps({{"reads": c.count, "seconds": statistics.median(times),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--before", default="53f3d57", help="the commit to compare against")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="uncounted runs per tree, interleaved")
@@ -128,7 +130,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="host_syncs_") as tmp:
         tmp = Path(tmp)
         before = tmp / "before"
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(before), args.before], cwd=ROOT, check=True)
+        subprocess.run(
+            ["git", "worktree", "add", "-q", "--detach", str(before), args.before], cwd=ROOT, check=True
+        )
         try:
             for rel in ("sparse_sup/train/host_syncs.py", WORKER):
                 shutil.copy(ROOT / rel, before / rel)
@@ -155,19 +159,31 @@ def main() -> None:
     print(f"\nHost reads per optimizer step, one process, {steps} steps (before = {args.before}):\n")
     print("| | before | after | after / before |")
     print("|---|---|---|---|")
-    print(f"| reads per steady-state step (median; max) | {b['steady']:g}; {b['steady_max']} "
-          f"| {a['steady']:g}; {a['steady_max']} | |")
-    print(f"| reads per mask-update step (median) | {b['update']:g} | {a['update']:g} "
-          f"| {a['update'] / b['update']:.2f} |")
+    print(
+        f"| reads per steady-state step (median; max) | {b['steady']:g}; {b['steady_max']} "
+        f"| {a['steady']:g}; {a['steady_max']} | |"
+    )
+    print(
+        f"| reads per mask-update step (median) | {b['update']:g} | {a['update']:g} "
+        f"| {a['update'] / b['update']:.2f} |"
+    )
     print(f"| reads in the input path per step (data/, issue 21) | {b['data']:g} | {a['data']:g} | |")
-    print(f"| steps/s, wall (no counter; median of {len(a['rates'])} runs) | {b['steps_per_s']:.2f} "
-          f"| {a['steps_per_s']:.2f} | {a['steps_per_s'] / b['steps_per_s']:.2f} |")
-    print(f"| CPU seconds of the whole run (process; median) | {b['cpu_s']:.2f} "
-          f"| {a['cpu_s']:.2f} | {a['cpu_s'] / b['cpu_s']:.2f} |")
-    print(f"| top-k: reads ({tk['groups']} layers, {tk['elements'] / 1e6:.1f} M scores, k = 10%) "
-          f"| {b['top_k']['reads']} | {tk['reads']} | |")
-    print(f"| top-k: seconds (median of 3) | {b['top_k']['seconds']:.3f} | {tk['seconds']:.3f} "
-          f"| {tk['seconds'] / b['top_k']['seconds']:.2f} |")
+    print(
+        f"| steps/s, wall (no counter; median of {len(a['rates'])} runs) | {b['steps_per_s']:.2f} "
+        f"| {a['steps_per_s']:.2f} | {a['steps_per_s'] / b['steps_per_s']:.2f} |"
+    )
+    print(
+        f"| CPU seconds of the whole run (process; median) | {b['cpu_s']:.2f} "
+        f"| {a['cpu_s']:.2f} | {a['cpu_s'] / b['cpu_s']:.2f} |"
+    )
+    print(
+        f"| top-k: reads ({tk['groups']} layers, {tk['elements'] / 1e6:.1f} M scores, k = 10%) "
+        f"| {b['top_k']['reads']} | {tk['reads']} | |"
+    )
+    print(
+        f"| top-k: seconds (median of 3) | {b['top_k']['seconds']:.3f} | {tk['seconds']:.3f} "
+        f"| {tk['seconds'] / b['top_k']['seconds']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

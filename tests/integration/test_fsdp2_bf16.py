@@ -31,7 +31,8 @@ ARGS = [
 def test_fsdp2_bf16_resnet_matches_single_process_bf16(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     fsdp2 = subprocess.run(
-        [*launch, str(ROOT / "launch/accelerate/fsdp2-cpu.yaml"), *ARGS, f"--experiment.output_dir={tmp_path / 'f'}"],
+        [*launch, str(ROOT / "launch/accelerate/fsdp2-cpu.yaml"), *ARGS,
+         f"--experiment.output_dir={tmp_path / 'f'}"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert fsdp2.returncode == 0, fsdp2.stderr[-4000:]

@@ -75,7 +75,11 @@ def test_single_process_no_sync_between_log_steps_and_same_run(tmp_path, precisi
     for name in model:
         assert torch.equal(model[name], ref[name]), name
     losses = [
-        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        [
+            json.loads(line)["loss"]
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in line
+        ]
         for d in (run_dir, ref_dir)
     ]
     assert losses[0] == losses[1] and len(losses[0]) == 2
