@@ -222,13 +222,14 @@ def sparse_sup_run(model: str, density: float, batch: int, out: Path, extra: lis
 
 def hook_run(run_, hook: Callable[[], None]) -> None:
     """Call ``hook`` at the start of every optimizer step of the real loop."""
-    inner = run_._optimizer_step
+    name = "optimizer_step" if hasattr(run_, "optimizer_step") else "_optimizer_step"  # older trees
+    inner = getattr(run_, name)
 
     def hooked(*args, **kwargs):
         hook()
         return inner(*args, **kwargs)
 
-    run_._optimizer_step = hooked
+    setattr(run_, name, hooked)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -295,7 +296,7 @@ def measure(model: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[s
             if n == "plain":
                 plain.evaluate(eval_images, eval_labels)
             else:
-                runs[n].evaluate()
+                runs[n].recorder.evaluate()
             evals[n].append(time.perf_counter() - t0)
             evals_cpu[n].append(time.thread_time() - c0)
     steps_per_epoch = len(train_set) // args.batch

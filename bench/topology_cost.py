@@ -12,7 +12,7 @@ builds it), RigL and SET at density 0.1 (ERK), batch 128, one torch thread, bund
                  gradient scores in ``before_optimizer_step`` on the step before it;
 * **superposition** -- what one ticket adds to the side chain: merge (CAA average over every
                  floating tensor), global magnitude re-prune to floor(d N), swap into the model,
-                 BatchNorm recalibration through the loop's own ``Run.recalibrate_bn`` (the
+                 BatchNorm recalibration through the loop's own ``Recorder.recalibrate_bn`` (the
                  config's ``tickets.bn_recal_batches`` batches of ``data.eval_batch_size``), swap back.
                  Evaluating and saving tickets is not included (that is reporting, not the method).
 
@@ -89,7 +89,7 @@ def measure(model: str, method: str, args: argparse.Namespace, tmp: Path) -> dic
     engine._apply_mask_events = events.wrap(inner_events)
 
     def timed_before() -> None:  # split by whether an update is due after this step
-        due = "update" in engine.mask_events(engine.step + 1)
+        due = "update" in engine.timeline.mask_events(engine.step + 1)
         before[due].wrap(inner_before)()
 
     engine.before_optimizer_step = timed_before
@@ -100,7 +100,7 @@ def measure(model: str, method: str, args: argparse.Namespace, tmp: Path) -> dic
         c, w = time.thread_time(), time.perf_counter()
         if state["n"]:
             steps.append((c - state["c"], w - state["w"], state["event"]))
-        state["event"] = bool(engine.mask_events(engine.step + 1))
+        state["event"] = bool(engine.timeline.mask_events(engine.step + 1))
         if state["n"] > 2 * args.updates + 1:
             raise Stop
         state["n"] += 1
@@ -125,7 +125,7 @@ def measure(model: str, method: str, args: argparse.Namespace, tmp: Path) -> dic
         parts["merge"].wrap(chain.merge)(tensors)
         parts["reprune"].wrap(chain.reprune)(engine.targets, engine.final_keep, run.backend.shard)
         parts["swap"].wrap(chain.swap)(tensors)
-        parts["bn"].wrap(run.recalibrate_bn)()
+        parts["bn"].wrap(run.recorder.recalibrate_bn)()
         parts["swap"].wrap(chain.swap)(tensors)
     sup = {k: c.median() for k, c in parts.items()}
     total = tuple(sup["merge"][i] + sup["reprune"][i] + 2 * sup["swap"][i] + sup["bn"][i] for i in (0, 1))

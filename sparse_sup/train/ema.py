@@ -22,16 +22,10 @@ Whole-tensor engines only (one process, DDP): under FSDP2 and DeepSpeed the weig
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ..backends.buffers import sync_buffers
 from ..config import ConfigError
 from ..core.names import normalize_name
-from .evaluate import evaluate
-
-log = logging.getLogger(__name__)
 
 
 class MaskedEma:
@@ -76,20 +70,3 @@ def build_ema(train_config, backend, masks: dict[str, torch.Tensor]) -> MaskedEm
     ema = MaskedEma(backend.module, train_config.ema_decay)
     ema.apply_masks(masks)
     return ema
-
-
-def record_ema(run, label: str) -> dict[str, float]:
-    """Evaluate the EMA beside the live model's ``label`` (collective): ``<label>_ema`` in the run's
-    results and metrics.jsonl."""
-    p, backend, engine = run.p, run.backend, run.engine
-    d = p.config.data
-    sync_buffers(run.ema.module, backend.data_parallel)  # BN buffers equal on all ranks first
-    device = next(run.ema.module.parameters()).device
-    result = evaluate(
-        run.ema.module, p.eval_set, d.eval_batch_size, backend.data_parallel, device, d.num_workers
-    )
-    result.update(step=engine.step, density=engine.masks.density(engine.targets))
-    run.results[f"{label}_ema"] = result
-    run.metrics.write(event="eval", label=f"{label}_ema", **result)
-    log.info("%s_ema: accuracy %.2f%%, loss %.4f", label, 100 * result["accuracy"], result["loss"])
-    return result

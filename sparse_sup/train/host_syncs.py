@@ -67,15 +67,19 @@ class HostSyncCounter(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def count_loop_syncs(run_class, exclude: tuple[str, ...] = ()) -> Iterator[list[dict]]:
-    """Patch ``run_class`` (the loop's ``Run``) so that ``train()`` runs under a ``HostSyncCounter``
-    and every optimizer-step attempt appends ``{"attempt", "step", "syncs", "sites"}``: the reads
-    from the start of that attempt to the start of the next (the attempt's own and the host's work
-    after it: logs, evaluation, checkpoints); ``step`` is the engine's step after it."""
+def count_loop_syncs(exclude: tuple[str, ...] = ()) -> Iterator[list[dict]]:
+    """Patch the loop (``Run.train``, ``OptimizerStep``) so that ``train()`` runs under a
+    ``HostSyncCounter`` and every optimizer-step attempt appends ``{"attempt", "step", "syncs",
+    "sites"}``: the reads from the start of that attempt to the start of the next (the attempt's own
+    and the host's work after it: logs, evaluation, checkpoints); ``step`` is the engine's step after
+    it."""
+    from .loop import Run
+    from .step import OptimizerStep
+
     records: list[dict] = []
-    train, optimizer_step = run_class.train, run_class._optimizer_step
+    train, optimizer_step = Run.train, OptimizerStep.__call__
     counter = HostSyncCounter(exclude)
-    state = {"count": 0, "sites": Counter()}
+    state = {"count": 0, "sites": Counter(), "run": None}
 
     def close_previous() -> None:
         if records:
@@ -87,18 +91,19 @@ def count_loop_syncs(run_class, exclude: tuple[str, ...] = ()) -> Iterator[list[
         close_previous()
         records.append({"attempt": len(records)})
         result = optimizer_step(self, *args, **kwargs)
-        records[-1]["step"] = self.engine.step  # as the host knows it (deferred steps: speculative)
+        records[-1]["step"] = state["run"].engine.step  # as the host knows it (deferred: speculative)
         return result
 
     def counted_train(self, *args, **kwargs):
+        state["run"] = self
         with counter:
             try:
                 return train(self, *args, **kwargs)
             finally:
                 close_previous()
 
-    run_class.train, run_class._optimizer_step = counted_train, counted_step
+    Run.train, OptimizerStep.__call__ = counted_train, counted_step
     try:
         yield records
     finally:
-        run_class.train, run_class._optimizer_step = train, optimizer_step
+        Run.train, OptimizerStep.__call__ = train, optimizer_step

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 
 class _RankZeroFilter(logging.Filter):
@@ -68,6 +71,31 @@ class MetricsWriter:
 
             finish_trackers(self.accelerator)
             self.accelerator = None
+
+
+class LossWindow:
+    """The training loss since the last log step, summed on the device: no host read until
+    ``close``, so the steps in between never wait for the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def drop(self, steps: int) -> None:
+        """Deferred steps that the device skipped (they added a loss of 0) leave the mean."""
+        self.steps -= steps
+
+    def close(self) -> tuple[float, float]:
+        """(mean loss, optimizer steps per second) since the last close (one host read)."""
+        mean = float(self.loss) / self.steps
+        rate = self.steps / (time.perf_counter() - self.start)
+        self.loss.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return mean, rate
 
 
 def _label_series(label: str) -> str | None:

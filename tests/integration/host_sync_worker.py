@@ -25,24 +25,25 @@ def main() -> int:
     from sparse_sup.cli import main as cli_main
     from sparse_sup.train.host_syncs import count_loop_syncs
     from sparse_sup.train.loop import Run
+    from sparse_sup.train.step import HostSteps, OptimizerStep
 
     if os.environ.get("SYNC_NO_DEFER") == "1":
-        Run._host_step = lambda self, step, last_step: True
+        HostSteps.acts = lambda self, step: True
     if os.environ.get("SYNC_CUDA_ERROR") == "1":
         import torch
 
-        step, resolve = Run._optimizer_step, Run._resolve_skips
+        step, resolve = OptimizerStep.__call__, Run.resolve_skips
 
-        def guarded_step(self, micro, accum, defer=False):
+        def guarded_step(self, micro, accum, position, defer=False):
             torch.cuda.set_sync_debug_mode("error" if defer else "default")
-            return step(self, micro, accum, defer)
+            return step(self, micro, accum, position, defer)
 
         def guarded_resolve(self):
             torch.cuda.set_sync_debug_mode("default")
             return resolve(self)
 
-        Run._optimizer_step, Run._resolve_skips = guarded_step, guarded_resolve
-    with count_loop_syncs(Run, exclude=("core/invariants.py",)) as records:  # the checks tests ask for
+        OptimizerStep.__call__, Run.resolve_skips = guarded_step, guarded_resolve
+    with count_loop_syncs(exclude=("core/invariants.py",)) as records:  # the checks tests ask for
         counted = Run.train
 
         def train_and_write(self):
