@@ -41,7 +41,8 @@ def keep_on_device(run, device: torch.device) -> None:
 def train_once(overrides: list[str], out: Path, device: torch.device, precision: str) -> tuple[dict, float]:
     from accelerate import Accelerator
 
-    from sparse_sup.train.loop import Run, summary_table
+    from sparse_sup.results import summary_table
+    from sparse_sup.train.loop import Run
     from sparse_sup.train.setup import prepare
 
     config = load_config(
