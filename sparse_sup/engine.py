@@ -121,18 +121,11 @@ class SupTicketsEngine:
         """("dst", None) in phase 1, ("cycle", m) in cycle m, for the step after ``step``."""
         return self.timeline.phase(self.step if step is None else step)
 
-    def mask_events(self, completed: int) -> list[str]:
-        return self.timeline.mask_events(completed)
-
-    def _needs_grad_scores(self, completed: int) -> bool:
-        events = self.mask_events(completed)
-        return "reexplore" in events or ("update" in events and self.method.grow == "gradient")
-
     # ---- the step -----------------------------------------------------------------------
     def before_optimizer_step(self) -> None:
         """At the sync boundary, after backward and unscaling, before clipping: keep the dense
         gradient if an update will need it, then zero the gradients of masked weights."""
-        if self._needs_grad_scores(self.step + 1):
+        if self.timeline.needs_grad_scores(self.step + 1):
             self._grad_scores = {
                 t.name: g.detach().abs() if (g := t.grad()) is not None else torch.zeros_like(t.param)
                 for t in self.targets
@@ -160,13 +153,13 @@ class SupTicketsEngine:
         """Whether completing step ``completed`` makes the engine act (a mask event, the end of phase
         1, a ticket, the end): the loop must know such a step exactly, so it never defers it."""
         return (
-            bool(self.mask_events(completed))
+            bool(self.timeline.mask_events(completed))
             or completed in (self.plan.pre_steps, self.plan.total_steps)
             or self.phases.cycle_end(completed) is not None
         )
 
     def _on_completed(self, completed: int) -> None:
-        events = self.mask_events(completed)
+        events = self.timeline.mask_events(completed)
         if completed < self.plan.pre_steps:
             self._apply_mask_events(events, completed)
         if completed == self.plan.pre_steps:
@@ -190,21 +183,10 @@ class SupTicketsEngine:
                 global_prune(self.targets, self.masks, keep, self.backend.shard)
                 swapped = {"pruned": before - self.masks.total_active()}
             else:
-                fraction = (
-                    self.tickets.reexplore_fraction
-                    if event == "reexplore"
-                    else self.timeline.drop_fraction(completed)
-                )
-                grow = "gradient" if event == "reexplore" else self.method.grow
+                fraction, grow = self.timeline.drop_and_grow_rule(event, completed)
+                shard, scores = self.backend.shard, self._grad_scores
                 swapped = drop_and_grow(
-                    self.targets,
-                    self.masks,
-                    fraction,
-                    grow,
-                    completed,
-                    self.seed,
-                    self.backend.shard,
-                    self._grad_scores,
+                    self.targets, self.masks, fraction, grow, completed, self.seed, shard, scores
                 )
             self.backend.refresh_model_weights()
             if self.sparse.check_ranks:  # debug: every data-parallel replica holds the same masks
@@ -260,9 +242,7 @@ class SupTicketsEngine:
                 "resume with the same model and sparse.include/exclude"
             )
         if self.masks is None:
-            saved = state["masks"]["masks"]  # loaded on the CPU: each mask goes where its weight is
-            masks = {t.name: saved[t.name].to(t.param.device, copy=True) for t in self.targets}
-            self.masks = MaskState(masks, self.backend.shard)
+            self.masks = MaskState.from_state(state["masks"], self.targets, self.backend.shard)
         else:
             self.masks.load_state_dict(state["masks"])
         self.step, self.num_tickets = state["step"], state["num_tickets"]

@@ -1,6 +1,6 @@
 """A Sup-tickets run's schedules as pure functions of the optimizer-step count (timm's schedulers
 are functions of the step too): phase and cycle, group 0's LR (the base schedule with warm-up in
-phase 1, the triangle in every cycle), the drop fraction, and the mask events due after a step.
+phase 1, the triangle in every cycle), the mask events due after a step and how each changes the masks.
 ``step`` is always the number of optimizer steps completed before the one in question."""
 
 from __future__ import annotations
@@ -80,3 +80,16 @@ class Timeline:
         ):
             events.append("update")
         return events
+
+    def needs_grad_scores(self, completed: int) -> bool:
+        """Whether an event after ``completed`` steps grows by gradient (the dense gradient must be
+        kept before the masks zero it)."""
+        events = [e for e in self.mask_events(completed) if e != "prune"]
+        return any(self.drop_and_grow_rule(e, completed)[1] == "gradient" for e in events)
+
+    def drop_and_grow_rule(self, event: str, completed: int) -> tuple[float, str]:
+        """(drop fraction, grow criterion) of an 'update' (the method's) or a cycle's 'reexplore'
+        (``tickets.reexplore_fraction``, by gradient) after ``completed`` steps."""
+        if event == "reexplore":
+            return self.tickets.reexplore_fraction, "gradient"
+        return self.drop_fraction(completed), self.method.grow

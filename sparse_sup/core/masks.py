@@ -128,6 +128,14 @@ class MaskState:
         self.collectives.all_reduce_sum(total)
         return int(total)
 
+    @classmethod
+    def from_state(
+        cls, state: dict, targets: Sequence[Target], collectives: Collectives = LOCAL
+    ) -> MaskState:
+        """The masks of ``state_dict()``, each moved to where its weight is (loaded on the CPU)."""
+        saved = state["masks"]
+        return cls({t.name: saved[t.name].to(t.param.device, copy=True) for t in targets}, collectives)
+
     def state_dict(self) -> dict:
         return {"masks": {k: v.clone() for k, v in self.masks.items()}}
 
