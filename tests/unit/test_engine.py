@@ -410,6 +410,17 @@ def _compare_compiled(overrides, x, y, eager, base, compiled) -> None:
         assert bool((base.get_parameter(n)[~e_comp.masks.masks[n]] == 0).all())
 
 
+def train_small_cnn(model, opt, engine, steps: int, gen: torch.Generator) -> None:
+    """``steps`` optimizer steps of ``SmallCNN`` on random 8x8 batches of 16 drawn from ``gen``."""
+    for _ in range(steps):
+        x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        engine.before_optimizer_step()
+        opt.step()
+        engine.after_optimizer_step()
+        opt.zero_grad()
+
+
 def test_state_dict_round_trip_with_and_without_init_masks():
     """The engine's state (counters, masks, chain keyed by name) restores into a fresh engine,
     whether or not that engine drew initial masks first."""
@@ -419,14 +430,7 @@ def test_state_dict_round_trip_with_and_without_init_masks():
     overrides = ["--sparse.update_interval=2", "--schedule.epochs=1", "--schedule.batch_size=16"]
     overrides.append("--tickets.num_cycles=1")
     engine = make_engine([*overrides, "--tickets.cycles_fraction=0.5"], model, opt, SmallCNN.TARGETS, 8 * 16)
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(6):  # phase 1 ends at step 4: the chain holds P
-        x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        engine.before_optimizer_step()
-        opt.step()
-        engine.after_optimizer_step()
-        opt.zero_grad()
+    train_small_cnn(model, opt, engine, 6, torch.Generator().manual_seed(2))  # the chain holds P (step 4)
     state = engine.state_dict()
     assert state["step"] == 6 and state["chain"] is not None
     for init_first in (True, False):

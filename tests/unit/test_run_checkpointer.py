@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from test_engine import make_engine, masks_of, same_masks
+from test_engine import make_engine, masks_of, same_masks, train_small_cnn
 from toy_models import SmallCNN
 
 from sparse_sup.config import load_config
@@ -32,16 +32,6 @@ class Counters:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = dict(state)
-
-
-def train(model, opt, engine, steps: int, gen: torch.Generator) -> None:
-    for _ in range(steps):
-        x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        engine.before_optimizer_step()
-        opt.step()
-        engine.after_optimizer_step()
-        opt.zero_grad()
 
 
 def snapshot(model, opt, engine) -> dict:
@@ -67,7 +57,7 @@ def test_every_state_comes_back_exactly_and_a_missing_one_is_named(tmp_path, cap
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     engine = make_engine(OVERRIDES, model, opt, SmallCNN.TARGETS, 8 * 16)
     gen = torch.Generator().manual_seed(2)
-    train(model, opt, engine, 6, gen)  # phase 1 ends at step 4: the chain holds P
+    train_small_cnn(model, opt, engine, 6, gen)  # phase 1 ends at step 4: the chain holds P
     config = load_config(None, OVERRIDES)
     loop = Counters(skipped=3)
     states = {
@@ -83,7 +73,7 @@ def test_every_state_comes_back_exactly_and_a_missing_one_is_named(tmp_path, cap
     path = checkpointer.save()
     saved, next_draw = snapshot(model, opt, engine), torch.rand(4)
 
-    train(model, opt, engine, 2, gen)  # every state moves on: weights, BN statistics, masks, chain
+    train_small_cnn(model, opt, engine, 2, gen)  # every state moves on: weights, BN statistics, masks, chain
     loop.value, _ = {"skipped": 9}, torch.rand(4)
     moved = snapshot(model, opt, engine)
     assert moved["step"] == 8 and not torch.equal(
