@@ -36,7 +36,9 @@ Tiers (``--tier``):
                  width for 24 epochs (96 min with ``--jobs 2`` on 2 cores, 2026-12-05); the
                  base runs' last-quarter gain says whether they reached their plateau.
 * ``plateau`` -- the ``converged`` grid with the last LR drop at 65% instead of 75%, so the base
-                 runs' last quarter runs entirely at the final LR (the plateau criterion's question).
+                 runs' last quarter runs entirely at the final LR (the plateau criterion's question),
+                 plus ``tailcycles15``: the paper's cycles after the base run's own schedule (RigL
+                 with and without re-exploration, SET and GraNet without).
 * ``smoke``   -- two seconds-long runs of the tiny test config, for the test suite.
 
 Usage: python bench/reproduce.py --tier cpu --jobs 2 [--out runs/reproduce-cpu] [--doc docs/RESULTS.md]
@@ -106,7 +108,27 @@ SCHEDULES.update(
         ],
     }
 )
+# tail_cycles (issue 20): the paper's cycles after phase 1 has run the base run's own LR schedule
+# (milestones over the whole budget, nothing compressed), so P is the base run at 85% of its steps.
+SCHEDULES.update(
+    {
+        "tailcycles15": [
+            "--tickets.schedule=tail_cycles",
+            "--tickets.num_cycles=3",
+            "--tickets.cycles_fraction=0.15",
+        ],
+        "tailcycles15-reexp": [
+            "--tickets.schedule=tail_cycles",
+            "--tickets.num_cycles=3",
+            "--tickets.cycles_fraction=0.15",
+            "--tickets.reexplore_fraction=0.5",
+        ],
+    }
+)
 SCHEDULE_TEXT = {
+    "tailcycles15": "tail_cycles: phase 1 on the base run's own LR schedule for 85% of the budget, then "
+    "the paper's 3 cycles (1e-3 -> 5e-3 -> 1e-3) in the last 15%, no re-exploration",
+    "tailcycles15-reexp": "tail_cycles with re-exploration 0.5 at each cycle start",
     "cycles15": "the default's split before this study: 3 cycles in 15% of the budget, re-exploration 0.5",
     "cycles15-noreexp": "3 cycles in 15% of the budget, no re-exploration",
     "tail15": "tail: 3 tickets at equal steps through the base schedule's last 15%, P included",
@@ -188,7 +210,7 @@ TIERS = {
         "configs/debug-cpu.yaml",
         24,
         {"rigl": [0, 1, 2], "set": [0], "granet": [0]},
-        ("base", "paper", "tail15"),
+        ("base", "paper", "tail15", "tailcycles15", "tailcycles15-reexp"),
         [
             *CPU_COMMON,
             "--model.kwargs={widths: [8, 16, 32]}",

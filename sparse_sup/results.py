@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .config.schema import TICKET_SCHEDULES
+
 
 def final_label(engine) -> str:
     """What the final model is: S_M after the whole plan, else the training model where it stopped."""
@@ -39,9 +41,11 @@ def run_summary(engine, results: dict, *, skipped_steps: int, world_size: int, *
 def describe_tickets(plan: dict) -> str:
     """'3 tickets (15% of the budget in cycles)', or where the tickets came from with the tail."""
     n, share = plan["num_cycles"], f"{100 * plan['cycles_fraction']:.0f}%"
-    if plan.get("ticket_schedule") == "tail":
+    spec = TICKET_SCHEDULES[plan.get("ticket_schedule", "cycles")]
+    if not spec.cyclic_lr:
         return f"{n} tickets from the last {share} of the base schedule (tail)"
-    return f"{n} tickets ({share} of the budget in cycles)"
+    after = ", after the base run's own LR schedule (tail_cycles)" if spec.base_lr_over_whole_budget else ""
+    return f"{n} tickets ({share} of the budget in cycles{after})"
 
 
 def summary_table(summary: dict) -> str:

@@ -21,7 +21,7 @@ class Timeline:
     def triangle_cycle(self, step: int) -> int | None:
         """The cycle whose triangle sets the LR of the step after ``step``; None where the base
         schedule sets it (phase 1, and the whole budget with ``tickets.schedule=tail``)."""
-        return self.phases.cycle_of(step) if self.tickets.schedule == "cycles" else None
+        return self.phases.cycle_of(step) if self.tickets.schedule_spec.cyclic_lr else None
 
     def lr(self, step: int) -> float:
         """Group 0's LR for the optimizer step taken after ``step`` completed steps."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .schema import Config, ScheduleConfig
+from .schema import TICKET_SCHEDULES, Config, ScheduleConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,8 +22,9 @@ class StepPlan:
     prune_start: int
     prune_end: int
     # steps the base LR schedule (step milestones, cosine) spans: phase 1 with the paper's cycles,
-    # the whole budget with tickets.schedule=tail; None: pre_steps
+    # the whole budget with tickets.schedule=tail or tail_cycles; None: pre_steps
     base_lr_steps: int | None = None
+    ticket_schedule: str = "cycles"  # a key of TICKET_SCHEDULES
 
     @property
     def pre_steps(self) -> int:
@@ -34,16 +35,22 @@ class StepPlan:
         return self.num_cycles * self.cycle_steps / self.total_steps
 
     def describe(self) -> str:
-        if self.num_cycles and self.base_lr_steps == self.total_steps:  # tickets.schedule=tail
+        spec = TICKET_SCHEDULES[self.ticket_schedule]
+        if self.num_cycles and not spec.cyclic_lr:  # tickets.schedule=tail
             return (
                 f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), the base LR schedule over all of "
                 f"them; {self.num_cycles} tickets every {self.cycle_steps} steps from step {self.pre_steps} "
                 f"(the last {100 * self.cycles_fraction:.0f}%, no step leaves phase 1's schedule)"
             )
+        lr_span = (
+            f" on the base LR schedule of all {self.total_steps} steps"
+            if self.num_cycles and (spec.base_lr_over_whole_budget)
+            else ""
+        )
         return (
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch): phase 1 {self.pre_steps} steps "
-            f"({100 * (1 - self.cycles_fraction):.0f}%), {self.num_cycles} cycles x {self.cycle_steps} "
-            f"steps ({100 * self.cycles_fraction:.0f}% of the budget)"
+            f"({100 * (1 - self.cycles_fraction):.0f}%){lr_span}, {self.num_cycles} cycles x "
+            f"{self.cycle_steps} steps ({100 * self.cycles_fraction:.0f}% of the budget)"
         )
 
 
@@ -78,15 +85,15 @@ def plan_steps(
     lr_milestones: tuple[float, ...] = (),
     prune_start: int = 0,
     prune_end: int | None = None,
-    lr_over_whole_budget: bool = False,
+    ticket_schedule: str = "cycles",
     keys: PlanKeys = PlanKeys(),
     budget: str | None = None,
 ) -> StepPlan:
     """The phase plan over ``total_steps`` optimizer steps, for every front end (the CLI through
     ``resolve_plan``, the Trainer through ``SparsityArguments.plan``). ``cycle_steps``: explicit cycle
     length, else ``cycles_fraction`` of the budget (default 0.1) split over the cycles;
-    ``lr_milestones``: fractions of the base LR schedule's span (phase 1, or the whole budget with
-    ``lr_over_whole_budget``, tickets.schedule=tail); ``prune_end`` None: the end of phase 1. ``budget``
+    ``lr_milestones``: fractions of the base LR schedule's span (phase 1, or the whole budget where
+    ``ticket_schedule``'s spec says so); ``prune_end`` None: the end of phase 1. ``budget``
     describes the budget in messages (default ``keys.budget``). Raises ``ConfigError`` naming the
     keys when the budget cannot hold the requested phases."""
     n = num_cycles
@@ -107,7 +114,7 @@ def plan_steps(
             f"{keys.budget}"
         )
     pre = total_steps - n * cycle_steps
-    lr_span = total_steps if lr_over_whole_budget else pre
+    lr_span = total_steps if TICKET_SCHEDULES[ticket_schedule].base_lr_over_whole_budget else pre
     end = pre if prune_end is None else min(pre, prune_end)
     return StepPlan(
         steps_per_epoch=max(1, steps_per_epoch),
@@ -120,6 +127,7 @@ def plan_steps(
         prune_start=min(prune_start, end),
         prune_end=end,
         base_lr_steps=lr_span,
+        ticket_schedule=ticket_schedule,
     )
 
 
@@ -143,6 +151,6 @@ def resolve_plan(config: Config, num_train_samples: int) -> StepPlan:
         lr_milestones=tuple(config.schedule.lr_milestones),
         prune_start=round(s.granet_prune_start_epoch * steps_per_epoch),
         prune_end=round(s.granet_prune_end_epoch * steps_per_epoch),
-        lr_over_whole_budget=t.schedule == "tail",
+        ticket_schedule=t.schedule,
         budget=f"schedule.epochs={config.schedule.epochs}",
     )

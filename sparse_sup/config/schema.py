@@ -178,7 +178,7 @@ class ScheduleConfig:
     batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation steps)
     grad_accum_steps: int = 1
     lr_schedule: str = "step"  # base LR in phase 1: step, cosine or constant
-    # fractions of phase 1 (of the whole budget with tickets.schedule=tail)
+    # fractions of phase 1 (of the whole budget with tickets.schedule=tail or tail_cycles)
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     lr_gamma: float = 0.1
     min_lr: float = 0.0
@@ -251,20 +251,39 @@ class SparseConfig:
         METHODS[self.method].check_config(self)
 
 
+@dataclass(frozen=True)
+class TicketSchedule:
+    """What a ``tickets.schedule`` value means, for the plan, the timeline and the Trainer alike."""
+
+    # the base LR schedule's milestones (or cosine) span the whole budget, so phase 1 follows the
+    # base run's own course until the tickets begin; False: it is compressed into phase 1
+    base_lr_over_whole_budget: bool
+    # each ticket trains under a triangle lr_low -> lr_high -> lr_low; False: the base schedule goes on
+    cyclic_lr: bool
+    default_reexplore: float  # tickets.reexplore_fraction when it is null
+
+
+TICKET_SCHEDULES = {
+    # the paper's: the base LR schedule compressed into phase 1, then a triangle LR per cycle
+    "cycles": TicketSchedule(base_lr_over_whole_budget=False, cyclic_lr=True, default_reexplore=0.5),
+    # the tickets are the models at equal steps through the base schedule's own last part; no step
+    # leaves it, and a weight regrown at zero could not learn at its LR
+    "tail": TicketSchedule(base_lr_over_whole_budget=True, cyclic_lr=False, default_reexplore=0.0),
+    # phase 1 is the base run itself until the cycles start; the paper's cycles replace its last part
+    "tail_cycles": TicketSchedule(base_lr_over_whole_budget=True, cyclic_lr=True, default_reexplore=0.0),
+}
+
+
 @dataclass(kw_only=True)
 class TicketsConfig:
     num_cycles: int = 3  # 0: plain DST for the whole budget (the base method)
-    # cycles: the paper's -- phase 1 runs the base LR schedule in the steps before the cycles, each
-    #   cycle a triangle lr_low -> lr_high -> lr_low;
-    # tail: no steps leave phase 1 -- the base LR schedule spans the whole budget and the tickets are
-    #   the models at equal steps through its last part (low-LR tail averaging; lr_low/lr_high unused)
-    schedule: str = "cycles"
+    schedule: str = "cycles"  # a key of TICKET_SCHEDULES: cycles, tail or tail_cycles
     cycle_epochs: float | None = None  # length of one cycle; or give cycles_fraction
     cycles_fraction: float | None = None  # fraction of the whole budget in cycles (default 0.1)
     lr_low: float = 1e-3
     lr_high: float = 5e-3
-    # drop/regrow-by-gradient at each cycle start; 0: off; null: 0.5 with cycles, 0 with tail (a
-    # weight regrown at zero cannot learn at the tail's LR)
+    # drop/regrow-by-gradient at each cycle start; 0: off; null: the schedule's default (0.5 with
+    # cycles, 0 with tail and tail_cycles)
     reexplore_fraction: float | None = None
     mask_in_cycles: str = "frozen"  # frozen (CIFAR recipe) or update (ImageNet recipe)
     merge: str = "caa"  # caa (cumulative average) or ema
@@ -277,9 +296,9 @@ class TicketsConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_cycles >= 0, "tickets.num_cycles", self.num_cycles, "an integer >= 0")
-        _choice("tickets.schedule", self.schedule, ("cycles", "tail"))
+        _choice("tickets.schedule", self.schedule, tuple(TICKET_SCHEDULES))
         if self.reexplore_fraction is None:
-            self.reexplore_fraction = 0.5 if self.schedule == "cycles" else 0.0
+            self.reexplore_fraction = self.schedule_spec.default_reexplore
         _check(
             self.cycle_epochs is None or self.cycles_fraction is None,
             "tickets.cycle_epochs",
@@ -325,6 +344,10 @@ class TicketsConfig:
             self.bn_recal_batches,
             "null (one pass) or a positive integer",
         )
+
+    @property
+    def schedule_spec(self) -> TicketSchedule:
+        return TICKET_SCHEDULES[self.schedule]
 
 
 @dataclass(kw_only=True)

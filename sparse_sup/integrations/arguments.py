@@ -68,12 +68,13 @@ class SparsityArguments:
     )
     # ---- phase 2: cheap tickets ----------------------------------------------------------------
     tickets_num_cycles: int = field(default=3, metadata=_help("number of tickets; 0: the plain DST method"))
-    tickets_schedule: Literal["cycles", "tail"] = field(
+    tickets_schedule: Literal["cycles", "tail", "tail_cycles"] = field(
         default="cycles",
         metadata=_help(
             "cycles: the paper's, the Trainer's scheduler over phase 1, then a triangle LR per cycle; "
             "tail: the Trainer's scheduler over the whole budget, the tickets taken at equal steps through "
-            "its last part (no step leaves phase 1; tickets_lr_low/high unused)"
+            "its last part (no step leaves phase 1; tickets_lr_low/high unused); tail_cycles: the "
+            "Trainer's scheduler over the whole budget, its last part replaced by the cycles"
         ),
     )
     tickets_cycle_steps: int | None = field(
@@ -87,7 +88,8 @@ class SparsityArguments:
     tickets_reexplore_fraction: float | None = field(
         default=None,
         metadata=_help(
-            "drop/regrow-by-gradient fraction at each cycle start; 0: off; default 0.5 (cycles), 0 (tail)"
+            "drop/regrow-by-gradient fraction at each cycle start; 0: off; default 0.5 (cycles), 0 (tail, "
+            "tail_cycles)"
         ),
     )
     tickets_mask_in_cycles: Literal["frozen", "update"] = field(default="frozen")
@@ -179,7 +181,7 @@ class SparsityArguments:
             cycles_fraction=self.tickets_cycles_fraction,
             prune_start=self.sparse_granet_prune_start_step,
             prune_end=self.sparse_granet_prune_end_step,
-            lr_over_whole_budget=self.tickets_schedule == "tail",
+            ticket_schedule=self.tickets_schedule,
             keys=TRAINER_PLAN_KEYS,
             budget="the Trainer's optimizer steps",
         )

@@ -65,11 +65,18 @@ def test_existing_run_dir_is_refused_without_overwrite(existing_run, capsys):
     assert _tree_digest(existing_run) == before
 
 
-def test_tail_schedule_end_to_end(tmp_path):
+def test_tail_schedules_end_to_end(tmp_path):
     """tickets.schedule=tail (the default job's): the run follows the base run's LR at every step,
-    never re-explores, and reports tickets taken from the tail, each at exact density."""
+    never re-explores, and reports tickets taken from the tail, each at exact density.
+    tickets.schedule=tail_cycles: phase 1 is the base run itself (the same LR and loss at every step,
+    bit for bit), then the paper's triangle."""
     runs = {}
-    for name, flags in (("base", ["--tickets.num_cycles=0"]), ("tail", ["--tickets.schedule=tail"])):
+    schedules = {
+        "base": ["--tickets.num_cycles=0"],
+        "tail": ["--tickets.schedule=tail"],
+        "tail_cycles": ["--tickets.schedule=tail_cycles"],
+    }
+    for name, flags in schedules.items():
         out = tmp_path / name
         proc = subprocess.run(
             [sys.executable, "train.py", "--config", TINY, *flags, "--train.log_every=1",
@@ -86,6 +93,20 @@ def test_tail_schedule_end_to_end(tmp_path):
     assert lrs["tail"] == lrs["base"] and len(lrs["tail"]) == 48
     assert not [r for r in records if r.get("kind") == "reexplore" or r["event"] == "reexplore"]
     assert set(summary["results"]) == {"P", "T_1", "S_1", "T_2", "S_2", "final"}
+    assert all(abs(r["density"] - 0.1) < 1e-5 for r in summary["results"].values())
+
+    stdout, records, summary = runs["tail_cycles"]
+    assert (
+        "2 tickets (25% of the budget in cycles, after the base run's own LR schedule (tail_cycles))"
+        in stdout
+    )
+    train = {
+        name: [(r["lr"], r["loss"]) for r in rec if r["event"] == "train"]
+        for name, (_, rec, _) in runs.items()
+    }
+    assert train["tail_cycles"][:36] == train["base"][:36]
+    assert max(lr for lr, _ in train["tail_cycles"][36:]) == pytest.approx(5e-3)
+    assert not [r for r in records if r.get("kind") == "reexplore" or r["event"] == "reexplore"]
     assert all(abs(r["density"] - 0.1) < 1e-5 for r in summary["results"].values())
 
 

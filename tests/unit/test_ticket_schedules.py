@@ -1,4 +1,5 @@
-"""tickets.schedule: the paper's cycles against the tail schedule, which takes no steps from phase 1."""
+"""tickets.schedule: the paper's cycles against the tail schedules, which take no steps from phase 1's
+LR schedule: ``tail`` snapshots its last part, ``tail_cycles`` replaces it by the paper's cycles."""
 
 from __future__ import annotations
 
@@ -72,4 +73,49 @@ def test_the_run_says_where_its_tickets_came_from() -> None:
     )
     assert (
         describe_tickets({**plan, "ticket_schedule": "cycles"}) == "3 tickets (30% of the budget in cycles)"
+    )
+
+
+def test_tail_cycles_is_the_base_run_until_its_cycles_then_the_papers_triangle() -> None:
+    """Phase 1 of tail_cycles runs the base run's LR at every step (its milestones are the base run's,
+    not compressed into phase 1); each cycle runs the same triangle as the paper's cycles."""
+    flags = ["--tickets.cycles_fraction=0.3", "--tickets.num_cycles=3"]
+    base = _timeline("--tickets.num_cycles=0")
+    late = _timeline(*flags, "--tickets.schedule=tail_cycles")
+    cycles = _timeline(*flags)
+    assert late.plan.pre_steps == 70 and late.plan.lr_milestones == base.plan.lr_milestones == (50, 75)
+    assert [late.lr(s) for s in range(70)] == [base.lr(s) for s in range(70)]
+    assert [late.lr(s) for s in range(70, 100)] == [cycles.lr(s) for s in range(70, 100)]
+    assert late.tickets.reexplore_fraction == 0.0
+    events = {s: late.mask_events(s) for s in range(1, 101)}
+    assert [s for s, e in events.items() if "update" in e] == [10, 20, 30, 40, 50, 60]
+    assert all("reexplore" not in e for e in events.values())
+
+
+def test_tail_cycles_equals_the_papers_cycles_with_the_base_runs_milestones() -> None:
+    """What the schedule study ran before the name existed (docs/RESULTS.md): the paper's cycles with
+    milestone fractions of phase 1 that land on the base run's milestone steps. The same LR at every
+    step, the same mask events."""
+    flags = ["--tickets.cycles_fraction=0.15", "--tickets.num_cycles=3", "--tickets.reexplore_fraction=0"]
+    late = _timeline(*flags, "--tickets.schedule=tail_cycles")
+    study = _timeline(*flags, "--tickets.schedule=cycles", "--schedule.lr_milestones=[0.5882, 0.8824]")
+    assert late.plan.pre_steps == study.plan.pre_steps == 85
+    assert late.plan.lr_milestones == study.plan.lr_milestones == (50, 75)
+    assert [late.lr(s) for s in range(100)] == [study.lr(s) for s in range(100)]
+    assert [late.mask_events(s) for s in range(1, 101)] == [study.mask_events(s) for s in range(1, 101)]
+
+
+def test_tail_cycles_says_what_it_does() -> None:
+    from sparse_sup.results import describe_tickets
+
+    late = _timeline(
+        "--tickets.num_cycles=3", "--tickets.schedule=tail_cycles", "--tickets.cycles_fraction=0.3"
+    )
+    assert (
+        "phase 1 70 steps (70%) on the base LR schedule of all 100 steps, 3 cycles x 10 steps"
+        in late.plan.describe()
+    )
+    assert (
+        describe_tickets({"num_cycles": 3, "cycles_fraction": 0.3, "ticket_schedule": "tail_cycles"})
+        == "3 tickets (30% of the budget in cycles, after the base run's own LR schedule (tail_cycles))"
     )

@@ -11,7 +11,7 @@ from sparse_sup.integrations.arguments import SparsityArguments
 from sparse_sup.methods import METHODS, DSTMethod, register_method
 
 
-@pytest.mark.parametrize("schedule", ["cycles", "tail"])
+@pytest.mark.parametrize("schedule", ["cycles", "tail", "tail_cycles"])
 @pytest.mark.parametrize(
     "cycles, cycle_steps, fraction",
     [(3, None, None), (2, 5, None), (4, None, 0.25), (0, None, None)],
