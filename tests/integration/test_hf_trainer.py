@@ -410,6 +410,26 @@ def test_tail_schedule_follows_the_users_scheduler_over_the_whole_budget(runs):
     assert len(set(in_tail)) == 1  # frozen from the end of phase 1: no re-exploration in the tail
 
 
+def test_tail_cycles_is_the_base_run_then_the_triangle(runs):
+    """tickets_schedule="tail_cycles": the user's scheduler over all 12 steps sets phase 1's LR and
+    masks (the base run's, step for step), then each cycle runs the triangle with frozen masks."""
+    base = runs(**TIMM, cycles=0)
+    late = runs(**TIMM, schedule="tail_cycles")
+    check_run(late, total=12, pre=8)
+    check_tickets(late, ends=(10, 12))
+    lrs = [s["group_lrs"][0] for s in late["steps"]]
+    assert lrs[:8] == [s["group_lrs"][0] for s in base["steps"]][:8]
+    assert lrs[8:] == pytest.approx(
+        [schedules.triangle_lr(i % 2, cycle_steps=2, lr_low=1e-3, lr_high=5e-3) for i in range(4)]
+    )
+    # the masks after steps 1..7 are the base run's; the base run's update after step 8 is the first
+    # cycle's start here, where the masks freeze (no re-exploration by default)
+    assert [s["digests"] for s in late["steps"][:7]] == [s["digests"] for s in base["steps"][:7]]
+    assert base["steps"][7]["digests"] != base["steps"][6]["digests"]
+    assert len({json.dumps(s["digests"], sort_keys=True) for s in late["steps"][6:]}) == 1
+    assert late["summary"]["plan"]["ticket_schedule"] == "tail_cycles"
+
+
 @pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", "greedy"])
 def test_metric_driven_lr_schedulers_are_refused_at_construction(tmp_path, scheduler):
     from transformers import TrainingArguments
