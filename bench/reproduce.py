@@ -38,7 +38,7 @@ Tiers (``--tier``):
 * ``plateau`` -- the ``converged`` grid with the last LR drop at 65% instead of 75%, so the base
                  runs' last quarter runs entirely at the final LR (the plateau criterion's question),
                  plus ``tailcycles15``: the paper's cycles after the base run's own schedule (RigL
-                 with and without re-exploration, SET and GraNet without).
+                 with and without re-exploration and with a 4x cycle peak; SET and GraNet without).
 * ``smoke``   -- two seconds-long runs of the tiny test config, for the test suite.
 
 Usage: python bench/reproduce.py --tier cpu --jobs 2 [--out runs/reproduce-cpu] [--doc docs/RESULTS.md]
@@ -123,12 +123,19 @@ SCHEDULES.update(
             "--tickets.cycles_fraction=0.15",
             "--tickets.reexplore_fraction=0.5",
         ],
+        "tailcycles15-hi": [
+            "--tickets.schedule=tail_cycles",
+            "--tickets.num_cycles=3",
+            "--tickets.cycles_fraction=0.15",
+            "--tickets.lr_high=0.02",
+        ],
     }
 )
 SCHEDULE_TEXT = {
     "tailcycles15": "tail_cycles: phase 1 on the base run's own LR schedule for 85% of the budget, then "
     "the paper's 3 cycles (1e-3 -> 5e-3 -> 1e-3) in the last 15%, no re-exploration",
     "tailcycles15-reexp": "tail_cycles with re-exploration 0.5 at each cycle start",
+    "tailcycles15-hi": "tail_cycles with the cycles' peak LR at 0.02 (4x the paper's 5e-3)",
     "cycles15": "the default's split before this study: 3 cycles in 15% of the budget, re-exploration 0.5",
     "cycles15-noreexp": "3 cycles in 15% of the budget, no re-exploration",
     "tail15": "tail: 3 tickets at equal steps through the base schedule's last 15%, P included",
@@ -182,7 +189,16 @@ TIERS = {
         "configs/debug-cpu.yaml",
         10,
         {"rigl": [0, 1, 2]},
-        ("base", "cycles15", "cycles15-noreexp", "tail15", "tail30", "tail30-noP"),
+        (
+            "base",
+            "cycles15",
+            "cycles15-noreexp",
+            "tail15",
+            "tail30",
+            "tail30-noP",
+            "tailcycles15",
+            "tailcycles15-hi",
+        ),
         ["--train.progress_bar=false"],
     ),
     # The paper claims its gain at convergence. Sized to ~75 min with --jobs 2 on 2 cores (it took 96
@@ -210,7 +226,7 @@ TIERS = {
         "configs/debug-cpu.yaml",
         24,
         {"rigl": [0, 1, 2], "set": [0], "granet": [0]},
-        ("base", "paper", "tail15", "tailcycles15", "tailcycles15-reexp"),
+        ("base", "paper", "tail15", "tailcycles15", "tailcycles15-reexp", "tailcycles15-hi"),
         [
             *CPU_COMMON,
             "--model.kwargs={widths: [8, 16, 32]}",
