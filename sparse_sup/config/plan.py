@@ -44,7 +44,7 @@ class StepPlan:
             )
         lr_span = (
             f" on the base LR schedule of all {self.total_steps} steps"
-            if self.num_cycles and (spec.base_lr_over_whole_budget)
+            if self.num_cycles and spec.base_lr_over_whole_budget
             else ""
         )
         return (

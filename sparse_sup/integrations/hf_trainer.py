@@ -168,7 +168,7 @@ class SupTicketsTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The user's scheduler over phase 1, or over the whole budget with ``tickets_schedule="tail"``
-        (``num_training_steps`` = the Trainer's budget), wrapped."""
+        or ``"tail_cycles"`` (``num_training_steps`` = the Trainer's budget), wrapped."""
         self.sparse_plan = self.sparsity_args.plan(num_training_steps, self._sup_steps_per_epoch)
         log.info("Sup-tickets plan: %s", self.sparse_plan.describe())
         if isinstance(self.lr_scheduler, SupTicketsLR):

@@ -1,6 +1,6 @@
 """The Trainer's LR under Sup-tickets: the user's scheduler owns phase 1 (and the whole budget with
-``tickets_schedule="tail"``), the engine's timeline owns the cycles' triangle, and the real step
-writes the LR into every parameter group at its ratio to group 0."""
+``tickets_schedule="tail"`` or ``"tail_cycles"``), the engine's timeline owns the cycles' triangle,
+and the real step writes the LR into every parameter group at its ratio to group 0."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class TrainerEngine(SupTicketsEngine):
         step = self.step if step is None else step
         if self.timeline.triangle_cycle(step) is not None:
             return super().lr(step)  # the cycle's triangle
-        return self.phase1_lr(step)  # phase 1, and the whole budget with tickets_schedule="tail"
+        return self.phase1_lr(step)  # phase 1 (with tickets_schedule="tail": the whole budget)
 
 
 class SupTicketsLR:
