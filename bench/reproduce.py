@@ -284,7 +284,8 @@ class RunSpec:
 def _shown(path: Path) -> str:
     """``path`` relative to the repository root when it lies inside it (commands run from there)."""
     try:
-        return str(path.resolve().relative_to(ROOT))
+        # absolute, but symlinks kept: a runs folder linked in from elsewhere still reads runs/...
+        return str(Path(os.path.abspath(path)).relative_to(ROOT))
     except ValueError:
         return str(path)
 
@@ -505,7 +506,7 @@ def main() -> None:
     args = ap.parse_args()
     tier_name = "smoke" if args.smoke else args.tier
     tier = TIERS[tier_name]
-    out = (args.out or ROOT / "runs" / f"reproduce-{tier_name}").resolve()
+    out = Path(os.path.abspath(args.out or ROOT / "runs" / f"reproduce-{tier_name}"))
     specs = grid(tier, out)
     if args.dry_run:
         for s in specs:
