@@ -66,7 +66,7 @@ def test_existing_run_dir_is_refused_without_overwrite(existing_run, capsys):
 
 
 def test_tail_schedules_end_to_end(tmp_path):
-    """tickets.schedule=tail (the default job's): the run follows the base run's LR at every step,
+    """tickets.schedule=tail: the run follows the base run's LR at every step,
     never re-explores, and reports tickets taken from the tail, each at exact density.
     tickets.schedule=tail_cycles: phase 1 is the base run itself (the same LR and loss at every step,
     bit for bit), then the paper's triangle."""
