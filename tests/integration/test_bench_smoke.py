@@ -116,6 +116,21 @@ def _summary(path: Path, results: dict[str, float], cycles: int, wall: float) ->
     (path / "wall_time.json").write_text(json.dumps({"wall_s": wall, "threads": 1}))
 
 
+def test_reproduce_shows_a_linked_runs_folder_relative_to_the_repo(tmp_path):
+    """A runs folder linked in from elsewhere (another worktree) is shown as runs/..., the path the
+    command runs from, not the link target's absolute path."""
+    import reproduce
+
+    link = ROOT / "runs" / f"linked-{tmp_path.name}"
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(tmp_path)
+    try:
+        shown = reproduce._shown(link / "rigl-base-s0")
+    finally:
+        link.unlink()
+    assert shown == f"runs/{link.name}/rigl-base-s0"
+
+
 def test_reproduce_aggregation_pairs_seeds_and_keeps_notes(tmp_path):
     import reproduce
 
