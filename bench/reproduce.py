@@ -66,71 +66,50 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _cycles(fraction: float, reexplore: float, schedule: str = "cycles", lr_high: float = 5e-3) -> list[str]:
+    """3 tickets, each under a triangle lr_low -> lr_high -> lr_low. Every key that shapes the run is
+    named, so a schedule means the same whatever ticket recipe the tier's preset carries (the default
+    job's peak moved to 0.02; "paper" must stay the paper's 5e-3)."""
+    return [
+        f"--tickets.schedule={schedule}",
+        "--tickets.num_cycles=3",
+        f"--tickets.cycles_fraction={fraction:g}",
+        f"--tickets.reexplore_fraction={reexplore:g}",
+        "--tickets.lr_low=0.001",
+        f"--tickets.lr_high={lr_high:g}",
+    ]
+
+
+def _tail(fraction: float, *extra: str) -> list[str]:
+    """3 tickets at equal steps through the base schedule's own last ``fraction``; masks frozen."""
+    return [
+        "--tickets.schedule=tail",
+        "--tickets.num_cycles=3",
+        f"--tickets.cycles_fraction={fraction:g}",
+        "--tickets.reexplore_fraction=0",
+        *extra,
+    ]
+
+
 SCHEDULES: dict[str, list[str]] = {
     "base": ["--tickets.num_cycles=0"],
-    "paper": [
-        "--tickets.schedule=cycles",
-        "--tickets.num_cycles=3",
-        "--tickets.cycles_fraction=0.1",
-        "--tickets.reexplore_fraction=0.5",
-    ],
-    "noreexp": [
-        "--tickets.schedule=cycles",
-        "--tickets.num_cycles=3",
-        "--tickets.cycles_fraction=0.1",
-        "--tickets.reexplore_fraction=0",
-    ],
+    "paper": _cycles(0.1, 0.5),
+    "noreexp": _cycles(0.1, 0),
+    # The schedule study at the embedded default (issue 20): the default's own split, the same without
+    # re-exploration, and tails -- tickets taken from the base schedule's own last 15% / 30% (no steps
+    # leave phase 1), with and without P in the average.
+    "cycles15": _cycles(0.15, 0.5),
+    "cycles15-noreexp": _cycles(0.15, 0),
+    "tail15": _tail(0.15),
+    "tail30": _tail(0.3),
+    "tail30-noP": _tail(0.3, "--tickets.include_phase1_model=false"),
+    # tail_cycles (issue 20): the paper's cycles after phase 1 has run the base run's own LR schedule
+    # (milestones over the whole budget, nothing compressed), so P is the base run at 85% of its steps.
+    "tailcycles15": _cycles(0.15, 0, schedule="tail_cycles"),
+    "tailcycles15-reexp": _cycles(0.15, 0.5, schedule="tail_cycles"),
+    "tailcycles15-hi": _cycles(0.15, 0, schedule="tail_cycles", lr_high=0.02),
 }
-# The schedule study at the embedded default (issue 20): the default's own split, the same without
-# re-exploration, and tails -- tickets taken from the base schedule's own last 15% / 30% (no steps
-# leave phase 1), with and without P in the average.
-SCHEDULES.update(
-    {
-        "cycles15": [
-            "--tickets.schedule=cycles",
-            "--tickets.num_cycles=3",
-            "--tickets.cycles_fraction=0.15",
-            "--tickets.reexplore_fraction=0.5",
-        ],
-        "cycles15-noreexp": [
-            "--tickets.schedule=cycles",
-            "--tickets.num_cycles=3",
-            "--tickets.cycles_fraction=0.15",
-            "--tickets.reexplore_fraction=0",
-        ],
-        "tail15": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.15", "--tickets.schedule=tail"],
-        "tail30": ["--tickets.num_cycles=3", "--tickets.cycles_fraction=0.3", "--tickets.schedule=tail"],
-        "tail30-noP": [
-            "--tickets.num_cycles=3",
-            "--tickets.cycles_fraction=0.3",
-            "--tickets.schedule=tail",
-            "--tickets.include_phase1_model=false",
-        ],
-    }
-)
-# tail_cycles (issue 20): the paper's cycles after phase 1 has run the base run's own LR schedule
-# (milestones over the whole budget, nothing compressed), so P is the base run at 85% of its steps.
-SCHEDULES.update(
-    {
-        "tailcycles15": [
-            "--tickets.schedule=tail_cycles",
-            "--tickets.num_cycles=3",
-            "--tickets.cycles_fraction=0.15",
-        ],
-        "tailcycles15-reexp": [
-            "--tickets.schedule=tail_cycles",
-            "--tickets.num_cycles=3",
-            "--tickets.cycles_fraction=0.15",
-            "--tickets.reexplore_fraction=0.5",
-        ],
-        "tailcycles15-hi": [
-            "--tickets.schedule=tail_cycles",
-            "--tickets.num_cycles=3",
-            "--tickets.cycles_fraction=0.15",
-            "--tickets.lr_high=0.02",
-        ],
-    }
-)
 SCHEDULE_TEXT = {
     "tailcycles15": "tail_cycles: phase 1 on the base run's own LR schedule for 85% of the budget, then "
     "the paper's 3 cycles (1e-3 -> 5e-3 -> 1e-3) in the last 15%, no re-exploration",
@@ -172,7 +151,7 @@ TIERS = {
         "configs/debug-cpu.yaml",
         8,
         {"rigl": [0, 1, 2], "set": [0], "granet": [0]},
-        ("base", "paper", "noreexp"),
+        ("base", "paper", "noreexp", "tailcycles15-hi"),
         CPU_COMMON,
     ),
     "reduced": Tier(
@@ -212,7 +191,7 @@ TIERS = {
         "configs/debug-cpu.yaml",
         24,
         {"rigl": [0, 1, 2], "set": [0], "granet": [0]},
-        ("base", "paper", "tail15"),
+        ("base", "paper", "tail15", "tailcycles15-hi"),
         [*CPU_COMMON, "--model.kwargs={widths: [8, 16, 32]}", "--train.eval_every_epochs=6"],
     ),
     # The `converged` tier missed the plateau criterion (last quarter < 0.5 points) in 3 of its 5 base

@@ -178,3 +178,55 @@ def test_input_pipeline_smoke():
     assert all(positive(c) for r in cost.values() for c in r[1:])
     (row,) = table_rows(out, "1")[:1]
     assert_printed_ratio(row[5], row[1], row[3])
+
+
+# A preset's ticket section, as different as the schema allows from every real one: a study schedule
+# must override each of these keys that shapes its run, or it measures whatever the preset of the day
+# says (the default job moved to a 0.02 peak, and the tiers' "paper" runs would have followed it).
+PRESET_TICKETS = [
+    "--tickets.schedule=tail",
+    "--tickets.num_cycles=2",
+    "--tickets.cycles_fraction=0.25",
+    "--tickets.lr_low=0.0003",
+    "--tickets.lr_high=0.07",
+    "--tickets.reexplore_fraction=0.3",
+]
+
+
+def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tuple:
+    """Group 0's LR at every step and the mask events of one study run, from its own flags."""
+    import reproduce
+
+    from sparse_sup.config import load_config, resolve_plan
+    from sparse_sup.methods import create_method
+    from sparse_sup.timeline import Timeline
+
+    spec = reproduce.RunSpec(method, schedule, 0, Path("runs"))
+    flags = spec.command(tier)[4:]  # after: python train.py --config <file>
+    at = flags.index(reproduce.SCHEDULES[schedule][0]) if reproduce.SCHEDULES[schedule] else len(flags)
+    cfg = load_config(ROOT / tier.config, [*flags[:at], *preset, *flags[at:]])
+    plan = resolve_plan(cfg, 10_000)  # the bundled training split
+    timeline = Timeline(
+        plan=plan,
+        sparse=cfg.sparse,
+        tickets=cfg.tickets,
+        schedule=cfg.schedule,
+        base_lr=cfg.optim.lr,
+        method=create_method(cfg.sparse, plan),
+    )
+    steps = range(plan.total_steps + 1)
+    lrs = [timeline.lr(s) for s in range(plan.total_steps)]
+    return plan.num_cycles, lrs, [timeline.mask_events(s) for s in steps]
+
+
+@pytest.mark.parametrize("tier_name", ["cpu", "reduced", "default", "converged", "plateau", "smoke"])
+def test_reproduce_schedules_do_not_depend_on_the_presets_ticket_section(tier_name):
+    """Every study run's LR at every step and its mask events are the same whatever ticket recipe its
+    --config carries: the schedules name the whole recipe they study."""
+    import reproduce
+
+    tier = reproduce.TIERS[tier_name]
+    method = next(iter(tier.seeds))
+    for schedule in tier.schedules:
+        as_run = _study_timeline(tier, method, schedule, [])
+        assert _study_timeline(tier, method, schedule, PRESET_TICKETS) == as_run, schedule
