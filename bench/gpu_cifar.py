@@ -3,9 +3,10 @@ with the decoded training and test images kept on the GPU.
 
 Both runs are the real training loop (``sparse_sup.train.loop.Run``, as ``python train.py`` builds
 it) with the same config except ``tickets.num_cycles`` (0 = the base method for the whole budget,
-3 = Sup-tickets with 10% of the budget in cycles). Before training, the in-memory uint8 image
-tensors of the training, BN-recalibration and test sets are moved to the GPU, so sampling, crop +
-flip and normalisation run there and no batch crosses PCIe. Prints each run's result table, its
+3 = Sup-tickets with the default job's ticket recipe from configs/debug-cpu.yaml, its cycles in
+10% of the budget). Before training, the in-memory uint8 image tensors of the training,
+BN-recalibration and test sets are moved to the GPU, so sampling, crop + flip and normalisation run
+there and no batch crosses PCIe. Prints each run's result table, its
 wall time and optimizer steps per second.
 
 Usage (GPU): python bench/gpu_cifar.py [--data ../shared/data/cifar10] [--epochs 20] [--batch 256]
