@@ -6,6 +6,7 @@ phase 1, the triangle in every cycle), the mask events due after a step and how 
 from __future__ import annotations
 
 from .core import schedules
+from .methods import create_method
 
 
 class Timeline:
@@ -16,6 +17,18 @@ class Timeline:
         self.base_lr, self.method = base_lr, method
         self.phases = schedules.PhasePlan(
             total_steps=plan.total_steps, num_cycles=plan.num_cycles, cycle_steps=plan.cycle_steps
+        )
+
+    @classmethod
+    def from_config(cls, config, plan) -> Timeline:
+        """The timeline a run's ``Config`` and its ``StepPlan`` describe, with the config's DST method."""
+        return cls(
+            plan=plan,
+            sparse=config.sparse,
+            tickets=config.tickets,
+            schedule=config.schedule,
+            base_lr=config.optim.lr,
+            method=create_method(config.sparse, plan),
         )
 
     def triangle_cycle(self, step: int) -> int | None:

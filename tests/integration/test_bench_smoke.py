@@ -198,7 +198,6 @@ def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tupl
     import reproduce
 
     from sparse_sup.config import load_config, resolve_plan
-    from sparse_sup.methods import create_method
     from sparse_sup.timeline import Timeline
 
     spec = reproduce.RunSpec(method, schedule, 0, Path("runs"))
@@ -206,14 +205,7 @@ def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tupl
     at = flags.index(reproduce.SCHEDULES[schedule][0]) if reproduce.SCHEDULES[schedule] else len(flags)
     cfg = load_config(ROOT / tier.config, [*flags[:at], *preset, *flags[at:]])
     plan = resolve_plan(cfg, 10_000)  # the bundled training split
-    timeline = Timeline(
-        plan=plan,
-        sparse=cfg.sparse,
-        tickets=cfg.tickets,
-        schedule=cfg.schedule,
-        base_lr=cfg.optim.lr,
-        method=create_method(cfg.sparse, plan),
-    )
+    timeline = Timeline.from_config(cfg, plan)
     steps = range(plan.total_steps + 1)
     lrs = [timeline.lr(s) for s in range(plan.total_steps)]
     return plan.num_cycles, lrs, [timeline.mask_events(s) for s in steps]

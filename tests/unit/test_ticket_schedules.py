@@ -7,7 +7,6 @@ import pytest
 
 from sparse_sup.config import load_config, resolve_plan
 from sparse_sup.config.errors import ConfigError
-from sparse_sup.methods import create_method
 from sparse_sup.timeline import Timeline
 
 BASE = ["--schedule.epochs=10", "--schedule.batch_size=16", "--sparse.update_interval=10"]
@@ -15,15 +14,7 @@ BASE = ["--schedule.epochs=10", "--schedule.batch_size=16", "--sparse.update_int
 
 def _timeline(*overrides: str) -> Timeline:
     cfg = load_config(None, [*BASE, *overrides])
-    plan = resolve_plan(cfg, 160)  # 10 steps per epoch, 100 steps
-    return Timeline(
-        plan=plan,
-        sparse=cfg.sparse,
-        tickets=cfg.tickets,
-        schedule=cfg.schedule,
-        base_lr=cfg.optim.lr,
-        method=create_method(cfg.sparse, plan),
-    )
+    return Timeline.from_config(cfg, resolve_plan(cfg, 160))  # 10 steps per epoch, 100 steps
 
 
 @pytest.mark.parametrize("lr_schedule", ["step", "cosine"])
