@@ -6,8 +6,8 @@ it) with the same config except ``tickets.num_cycles`` (0 = the base method for 
 3 = Sup-tickets with the default job's ticket recipe from configs/debug-cpu.yaml, its cycles in
 10% of the budget). Before training, the in-memory uint8 image tensors of the training,
 BN-recalibration and test sets are moved to the GPU, so sampling, crop + flip and normalisation run
-there and no batch crosses PCIe. Prints each run's result table, its
-wall time and optimizer steps per second.
+there and no batch crosses PCIe. Prints each run's result table, its wall time and optimizer steps
+per second.
 
 Usage (GPU): python bench/gpu_cifar.py [--data ../shared/data/cifar10] [--epochs 20] [--batch 256]
 CPU check that the script runs (tiny test model, 256 bundled images): python bench/gpu_cifar.py --smoke

@@ -202,13 +202,12 @@ def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tupl
 
     spec = reproduce.RunSpec(method, schedule, 0, Path("runs"))
     flags = spec.command(tier)[4:]  # after: python train.py --config <file>
-    at = flags.index(reproduce.SCHEDULES[schedule][0]) if reproduce.SCHEDULES[schedule] else len(flags)
+    at = flags.index(reproduce.SCHEDULES[schedule][0])  # the preset's tickets come before the schedule's
     cfg = load_config(ROOT / tier.config, [*flags[:at], *preset, *flags[at:]])
     plan = resolve_plan(cfg, 10_000)  # the bundled training split
     timeline = Timeline.from_config(cfg, plan)
-    steps = range(plan.total_steps + 1)
     lrs = [timeline.lr(s) for s in range(plan.total_steps)]
-    return plan.num_cycles, lrs, [timeline.mask_events(s) for s in steps]
+    return plan.num_cycles, lrs, [timeline.mask_events(s) for s in range(plan.total_steps + 1)]
 
 
 @pytest.mark.parametrize("tier_name", ["cpu", "reduced", "default", "converged", "plateau", "smoke"])
