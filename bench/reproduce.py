@@ -109,12 +109,15 @@ SCHEDULES: dict[str, list[str]] = {
     "tailcycles15": _cycles(0.15, 0, schedule="tail_cycles"),
     "tailcycles15-reexp": _cycles(0.15, 0.5, schedule="tail_cycles"),
     "tailcycles15-hi": _cycles(0.15, 0, schedule="tail_cycles", lr_high=0.02),
+    # half the peak, where the 8-epoch `cpu` tier's tickets at 0.02 scattered by up to 2 points
+    "tailcycles15-mid": _cycles(0.15, 0, schedule="tail_cycles", lr_high=0.01),
 }
 SCHEDULE_TEXT = {
     "tailcycles15": "tail_cycles: phase 1 on the base run's own LR schedule for 85% of the budget, then "
     "the paper's 3 cycles (1e-3 -> 5e-3 -> 1e-3) in the last 15%, no re-exploration",
     "tailcycles15-reexp": "tail_cycles with re-exploration 0.5 at each cycle start",
     "tailcycles15-hi": "tail_cycles with the cycles' peak LR at 0.02 (4x the paper's 5e-3)",
+    "tailcycles15-mid": "tail_cycles with the cycles' peak LR at 0.01 (2x the paper's 5e-3)",
     "cycles15": "the default's split before this study: 3 cycles in 15% of the budget, re-exploration 0.5",
     "cycles15-noreexp": "3 cycles in 15% of the budget, no re-exploration",
     "tail15": "tail: 3 tickets at equal steps through the base schedule's last 15%, P included",
@@ -151,7 +154,7 @@ TIERS = {
         "configs/debug-cpu.yaml",
         8,
         {"rigl": [0, 1, 2], "set": [0], "granet": [0]},
-        ("base", "paper", "noreexp", "tailcycles15-hi"),
+        ("base", "paper", "noreexp", "tailcycles15-hi", "tailcycles15-mid"),
         CPU_COMMON,
     ),
     "reduced": Tier(
