@@ -3,6 +3,7 @@ reproduction study's aggregation computes what docs/RESULTS.md claims from summa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
+import reproduce  # noqa: E402  (bench/ is not a package)
 
 
 def run_script(*args: str, timeout: int = 600) -> str:
@@ -119,7 +121,6 @@ def _summary(path: Path, results: dict[str, float], cycles: int, wall: float) ->
 def test_reproduce_shows_a_linked_runs_folder_relative_to_the_repo(tmp_path):
     """A runs folder linked in from elsewhere (another worktree) is shown as runs/..., the path the
     command runs from, not the link target's absolute path."""
-    import reproduce
 
     link = ROOT / "runs" / f"linked-{tmp_path.name}"
     link.parent.mkdir(exist_ok=True)
@@ -132,7 +133,6 @@ def test_reproduce_shows_a_linked_runs_folder_relative_to_the_repo(tmp_path):
 
 
 def test_reproduce_aggregation_pairs_seeds_and_keeps_notes(tmp_path):
-    import reproduce
 
     tier = reproduce.Tier("test tier", "configs/tiny-test.yaml", 8, {"rigl": [0, 1]}, ("base", "paper"))
     specs = reproduce.grid(tier, tmp_path)
@@ -155,6 +155,22 @@ def test_reproduce_aggregation_pairs_seeds_and_keeps_notes(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results") and "hand-written" in text and "old" not in text
     assert other in text and "stale" not in text and body in text  # other tiers kept, this one replaced
+
+
+def test_reproduce_refuses_a_tier_whose_data_folder_is_missing(tmp_path, monkeypatch, capsys):
+    """The `fulltest` tier reads the full CIFAR-10 beside the repository, which is not shipped: without
+    it the study stops before any run, names the folder and what to put there, and writes nothing."""
+    missing = dataclasses.replace(reproduce.TIERS["fulltest"], needs="no/such/cifar10")
+    monkeypatch.setitem(reproduce.TIERS, "fulltest", missing)
+    doc, out = tmp_path / "RESULTS.md", tmp_path / "runs"
+    argv = ["reproduce.py", "--tier", "fulltest", "--out", str(out), "--doc", str(doc)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert str(ROOT / "no/such/cifar10") in error and "test-*.parquet" in error, error
+    assert not out.exists() and not doc.exists()
 
 
 def test_resnet32_cifar_is_the_benchmark_model():
@@ -195,7 +211,6 @@ PRESET_TICKETS = [
 
 def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tuple:
     """Group 0's LR at every step and the mask events of one study run, from its own flags."""
-    import reproduce
 
     from sparse_sup.config import load_config, resolve_plan
     from sparse_sup.timeline import Timeline
@@ -210,11 +225,10 @@ def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tupl
     return plan.num_cycles, lrs, [timeline.mask_events(s) for s in range(plan.total_steps + 1)]
 
 
-@pytest.mark.parametrize("tier_name", ["cpu", "reduced", "default", "converged", "plateau", "smoke"])
+@pytest.mark.parametrize("tier_name", sorted(reproduce.TIERS))
 def test_reproduce_schedules_do_not_depend_on_the_presets_ticket_section(tier_name):
     """Every study run's LR at every step and its mask events are the same whatever ticket recipe its
     --config carries: the schedules name the whole recipe they study."""
-    import reproduce
 
     tier = reproduce.TIERS[tier_name]
     method = next(iter(tier.seeds))
