@@ -43,6 +43,7 @@ Tiers (``--tier``):
                  GraNet 1), on the first 10k images of the full CIFAR-10 training split and its full
                  10k test split (``../shared/data/cifar10``, not shipped): 5x the bundled test split,
                  so one accuracy's binomial error falls from ~1.1 to ~0.5 points.
+* ``fulltest-short`` -- the ``cpu`` tier's recipe (8 epochs, where RigL tied) on ``fulltest``'s data.
 * ``smoke``   -- two seconds-long runs of the tiny test config, for the test suite.
 
 Usage: python bench/reproduce.py --tier cpu --jobs 2 [--out runs/reproduce-cpu] [--doc docs/RESULTS.md]
@@ -155,6 +156,12 @@ CPU_COMMON = [
     "--train.progress_bar=false",
     "--train.log_every=50",
 ]
+# The CPU flags on the first 10k training images of the full CIFAR-10 and its full 10k test split.
+CPU_FULLTEST = [
+    *(flag for flag in CPU_COMMON if flag != "--data.source=bundled"),
+    f"--data.source={CIFAR10_FULL}",
+    "--data.max_train_samples=10000",
+]
 TIERS = {
     "cpu": Tier(
         "full CPU tier: ResNet-32, bundled CIFAR-10 mini (10k/2k), 8 epochs, density 0.1",
@@ -237,13 +244,23 @@ TIERS = {
         {"rigl": [0, 1, 2, 3, 4], "set": [0], "granet": [0]},  # 5 RigL seeds: the bar is a seed std
         ("base", "tailcycles15-hi"),
         [
-            *(flag for flag in CPU_COMMON if flag != "--data.source=bundled"),
-            f"--data.source={CIFAR10_FULL}",
-            "--data.max_train_samples=10000",
+            *CPU_FULLTEST,
             "--model.kwargs={widths: [8, 16, 32]}",
             "--train.eval_every_epochs=6",
             "--schedule.lr_milestones=[0.5, 0.65]",
         ],
+        needs=CIFAR10_FULL,
+    ),
+    # The `cpu` tier (8 epochs, the one where RigL tied) on the same data as `fulltest`: is the tie the
+    # method's or the 2k test split's?
+    "fulltest-short": Tier(
+        "short full-test CPU tier: the `cpu` recipe (ResNet-32, 8 epochs) on the data of `fulltest` "
+        "(10k training images, the full 10k test split)",
+        "configs/debug-cpu.yaml",
+        8,
+        {"rigl": [0, 1, 2], "set": [0], "granet": [0]},
+        ("base", "tailcycles15-hi"),
+        CPU_FULLTEST,
         needs=CIFAR10_FULL,
     ),
     "smoke": Tier(
