@@ -530,6 +530,7 @@ def main() -> None:
         "--schedules", default=None, help="comma-separated subset of the tier's schedules to run first"
     )
     ap.add_argument("--seeds", default=None, help="comma-separated subset of the tier's seeds to run")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the tier's methods to run")
     ap.add_argument("--aggregate-only", action="store_true", help="write the doc from finished runs")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = ap.parse_args()
@@ -553,8 +554,15 @@ def main() -> None:
                 f"tier {tier_name} reads {(ROOT / tier.needs).resolve()}, which does not exist: put the full "
                 "CIFAR-10 there as parquet files (train-*.parquet, test-*.parquet, the Hub's layout)"
             )
+        methods = args.methods.split(",") if args.methods else list(tier.seeds)
+        if set(methods) - set(tier.seeds):
+            ap.error(f"--methods {args.methods}: the tier {tier_name} runs {', '.join(tier.seeds)}")
         seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
-        todo = [s for s in specs if s.schedule in chosen and (seeds is None or s.seed in seeds)]
+        todo = [
+            s
+            for s in specs
+            if s.schedule in chosen and s.method in methods and (seeds is None or s.seed in seeds)
+        ]
         print(f"{len(todo)} runs, {args.jobs} at a time, into {out}", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for status in pool.map(lambda s: execute(s, tier, args.threads), todo):

@@ -173,6 +173,27 @@ def test_reproduce_refuses_a_tier_whose_data_folder_is_missing(tmp_path, monkeyp
     assert not out.exists() and not doc.exists()
 
 
+def test_reproduce_refuses_a_method_the_tier_does_not_run(tmp_path, monkeypatch, capsys):
+    doc, out = tmp_path / "RESULTS.md", tmp_path / "runs"
+    argv = [
+        "reproduce.py",
+        "--tier",
+        "cpu",
+        "--methods",
+        "rigl,magnitude",
+        "--out",
+        str(out),
+        "--doc",
+        str(doc),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main()
+    assert exit_info.value.code == 2
+    assert "the tier cpu runs rigl, set, granet" in capsys.readouterr().err
+    assert not out.exists() and not doc.exists()
+
+
 def test_resnet32_cifar_is_the_benchmark_model():
     import torch
 
