@@ -121,7 +121,6 @@ def _summary(path: Path, results: dict[str, float], cycles: int, wall: float) ->
 def test_reproduce_shows_a_linked_runs_folder_relative_to_the_repo(tmp_path):
     """A runs folder linked in from elsewhere (another worktree) is shown as runs/..., the path the
     command runs from, not the link target's absolute path."""
-
     link = ROOT / "runs" / f"linked-{tmp_path.name}"
     link.parent.mkdir(exist_ok=True)
     link.symlink_to(tmp_path)
@@ -133,7 +132,6 @@ def test_reproduce_shows_a_linked_runs_folder_relative_to_the_repo(tmp_path):
 
 
 def test_reproduce_aggregation_pairs_seeds_and_keeps_notes(tmp_path):
-
     tier = reproduce.Tier("test tier", "configs/tiny-test.yaml", 8, {"rigl": [0, 1]}, ("base", "paper"))
     specs = reproduce.grid(tier, tmp_path)
     _summary(tmp_path / "rigl-base-s0", {"final": 0.60}, 0, 100)
@@ -157,41 +155,30 @@ def test_reproduce_aggregation_pairs_seeds_and_keeps_notes(tmp_path):
     assert other in text and "stale" not in text and body in text  # other tiers kept, this one replaced
 
 
+def _refusal(tmp_path, monkeypatch, capsys, *args: str) -> str:
+    """Run the study's main() with ``args``; assert it stops with a usage error having written
+    nothing, and return the message."""
+    doc, out = tmp_path / "RESULTS.md", tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", *args, "--out", str(out), "--doc", str(doc)])
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main()
+    assert exit_info.value.code == 2
+    assert not out.exists() and not doc.exists()
+    return capsys.readouterr().err
+
+
 def test_reproduce_refuses_a_tier_whose_data_folder_is_missing(tmp_path, monkeypatch, capsys):
     """The `fulltest` tier reads the full CIFAR-10 beside the repository, which is not shipped: without
     it the study stops before any run, names the folder and what to put there, and writes nothing."""
     missing = dataclasses.replace(reproduce.TIERS["fulltest"], needs="no/such/cifar10")
     monkeypatch.setitem(reproduce.TIERS, "fulltest", missing)
-    doc, out = tmp_path / "RESULTS.md", tmp_path / "runs"
-    argv = ["reproduce.py", "--tier", "fulltest", "--out", str(out), "--doc", str(doc)]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        reproduce.main()
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
+    error = _refusal(tmp_path, monkeypatch, capsys, "--tier", "fulltest")
     assert str(ROOT / "no/such/cifar10") in error and "test-*.parquet" in error, error
-    assert not out.exists() and not doc.exists()
 
 
 def test_reproduce_refuses_a_method_the_tier_does_not_run(tmp_path, monkeypatch, capsys):
-    doc, out = tmp_path / "RESULTS.md", tmp_path / "runs"
-    argv = [
-        "reproduce.py",
-        "--tier",
-        "cpu",
-        "--methods",
-        "rigl,magnitude",
-        "--out",
-        str(out),
-        "--doc",
-        str(doc),
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        reproduce.main()
-    assert exit_info.value.code == 2
-    assert "the tier cpu runs rigl, set, granet" in capsys.readouterr().err
-    assert not out.exists() and not doc.exists()
+    error = _refusal(tmp_path, monkeypatch, capsys, "--tier", "cpu", "--methods", "rigl,magnitude")
+    assert "the tier cpu runs rigl, set, granet" in error, error
 
 
 def test_resnet32_cifar_is_the_benchmark_model():
@@ -232,7 +219,6 @@ PRESET_TICKETS = [
 
 def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tuple:
     """Group 0's LR at every step and the mask events of one study run, from its own flags."""
-
     from sparse_sup.config import load_config, resolve_plan
     from sparse_sup.timeline import Timeline
 
@@ -250,7 +236,6 @@ def _study_timeline(tier, method: str, schedule: str, preset: list[str]) -> tupl
 def test_reproduce_schedules_do_not_depend_on_the_presets_ticket_section(tier_name):
     """Every study run's LR at every step and its mask events are the same whatever ticket recipe its
     --config carries: the schedules name the whole recipe they study."""
-
     tier = reproduce.TIERS[tier_name]
     method = next(iter(tier.seeds))
     for schedule in tier.schedules:
