@@ -66,6 +66,7 @@ def recalibration_batches(
     dtype: torch.dtype,
     lockstep: bool = False,
     counter: int = 0,
+    num_workers: int = 0,
 ):
     """Training images for BN recalibration pass ``counter``, the batches of ``recalibration_plan``
     (their content does not depend on the world size).
@@ -73,7 +74,8 @@ def recalibration_batches(
     Sample ``i`` is served with the key ``(recalibration_epoch(counter), i)``: through the training
     transform (``dataset.train``) it gets augmentations of its own, a pure function of
     (seed, counter, i). The order is seeded by (seed, counter) as a training epoch's is.
-    With ``lockstep`` every rank yields the same number of items (``Discard``: forward only)."""
+    With ``lockstep`` every rank yields the same number of items (``Discard``: forward only).
+    Decoded by ``num_workers`` DataLoader workers where the dataset decodes per sample."""
     from ..recalibration import recalibration_plan
     from ..tickets import Discard
 
@@ -86,6 +88,11 @@ def recalibration_batches(
         collectives=collectives,
         lockstep=lockstep,
     )
-    for indices, discard in progress(plan.rounds, desc="BN recalibration", unit="batch"):
-        images = dataset.get_batch([(plan.epoch, k) for k in indices])[0].to(device, dtype)
+    keys = [[(plan.epoch, k) for k in indices] for indices, _ in plan.rounds]
+    batches = make_loader(dataset, keys, num_workers)
+    rounds = progress(
+        zip(batches, plan.rounds, strict=True), total=len(keys), desc="BN recalibration", unit="batch"
+    )
+    for (images, _), (_, discard) in rounds:
+        images = images.to(device, dtype)
         yield Discard(images) if discard else images

@@ -9,6 +9,7 @@ from ..backends.buffers import sync_buffers
 from ..tickets import recalibrate_batchnorm
 from .evaluate import evaluate, recalibration_batches
 from .setup import Prepared
+from .step import forward_autocast
 
 
 def model_device(backend) -> torch.device:
@@ -19,15 +20,16 @@ def evaluate_model(backend, prepared: Prepared) -> dict[str, float]:
     """Accuracy and loss over the eval split, each example counted once (collective)."""
     d = prepared.config.data
     sync_buffers(backend.module, backend.data_parallel)  # BN buffers equal on all ranks first
-    return evaluate(
-        backend.module,
-        prepared.eval_set,
-        d.eval_batch_size,
-        backend.data_parallel,
-        model_device(backend),
-        d.num_workers,
-        lockstep=backend.lockstep,
-    )
+    with forward_autocast(prepared.config.train.precision, backend)():
+        return evaluate(
+            backend.module,
+            prepared.eval_set,
+            d.eval_batch_size,
+            backend.data_parallel,
+            model_device(backend),
+            d.num_workers,
+            lockstep=backend.lockstep,
+        )
 
 
 def recalibrate_model_bn(backend, prepared: Prepared, counter: int) -> None:
@@ -43,5 +45,7 @@ def recalibrate_model_bn(backend, prepared: Prepared, counter: int) -> None:
         next(backend.module.parameters()).dtype,
         lockstep=backend.lockstep,
         counter=counter,
+        num_workers=c.data.num_workers,
     )
-    recalibrate_batchnorm(backend.module, batches, backend.data_parallel)
+    with forward_autocast(c.train.precision, backend)():  # the statistics of training's numerics
+        recalibrate_batchnorm(backend.module, batches, backend.data_parallel)

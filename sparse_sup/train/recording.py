@@ -15,6 +15,7 @@ from ..results import final_label, run_summary
 from .evaluate import evaluate
 from .model_ops import evaluate_model, recalibrate_model_bn
 from .setup import Prepared
+from .step import forward_autocast
 from .tracking import MaskHistory, layer_densities, topology_record
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class Recorder:
         module, d = self.ema.module, self.config.data
         sync_buffers(module, self.backend.data_parallel)  # BN buffers equal on all ranks first
         device = next(module.parameters()).device
-        result = evaluate(
-            module, self.p.eval_set, d.eval_batch_size, self.backend.data_parallel, device, d.num_workers
-        )
+        with forward_autocast(self.config.train.precision, self.backend)():
+            result = evaluate(
+                module, self.p.eval_set, d.eval_batch_size, self.backend.data_parallel, device, d.num_workers
+            )
         result.update(step=engine.step, density=engine.masks.density(engine.targets))
         self.results[f"{label}_ema"] = result
         self.metrics.write(event="eval", label=f"{label}_ema", **result)

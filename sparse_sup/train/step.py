@@ -4,6 +4,7 @@ and one optimizer step over the accumulated micro-batches."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -15,17 +16,32 @@ from ..backends.local import unwrap_module
 log = logging.getLogger(__name__)
 
 
+AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def forward_autocast(precision: str, backend) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context of every forward of a run: the training step, evaluation, BN recalibration and a
+    merge's, so that P, the tickets and S_M are measured as the model was trained, and a merge
+    reproduces the run's S_M. Autocast to ``train.precision`` on the model's device, unless the
+    engine computes in that dtype itself (DeepSpeed's engine: ``input_dtype``; FSDP2's
+    ``MixedPrecisionPolicy``: ``casts_forward``)."""
+    dtype = AUTOCAST_DTYPE.get(precision)
+    if dtype is None or backend.input_dtype is not None or getattr(backend, "casts_forward", False):
+        return contextlib.nullcontext
+    device = next(backend.module.parameters()).device
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
+
+
 def build_step_backend(prepared, accelerator, model, optimizer):
     """(backend, autocast, scaler) for the wrapped ``model``: the backend owns synchronisation and
     the optimizer step; ``autocast`` is the forward's context; ``scaler`` the loss scaler, if any
     (its state joins run checkpoints)."""
-    autocast, backward, scaler = accelerator.autocast, accelerator.backward, accelerator.scaler
+    backward, scaler = accelerator.backward, accelerator.scaler
     device = next(unwrap_module(model).parameters()).device
     if prepared.config.train.precision == "fp16" and scaler is None and device.type == "cpu":
-        # Accelerate runs neither fp16 autocast nor a GradScaler on the CPU, so fp16 would silently
-        # be fp32: run both here (the same scaler semantics as on a GPU, overflows included)
+        # Accelerate runs no GradScaler on the CPU (nor fp16 autocast), so fp16 would silently be
+        # fp32: run one here (the same scaler semantics as on a GPU, overflows included)
         scaler = torch.amp.GradScaler("cpu")
-        autocast = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
         backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731
     optim = prepared.config.optim
     options = StepOptions(
@@ -35,9 +51,7 @@ def build_step_backend(prepared, accelerator, model, optimizer):
         scaler=scaler,
     )
     backend = build_backend(model, optimizer, prepared.target_names, options)
-    if getattr(backend, "casts_forward", False):  # FSDP2's MixedPrecisionPolicy casts itself
-        autocast = contextlib.nullcontext
-    return backend, autocast, scaler
+    return backend, forward_autocast(prepared.config.train.precision, backend), scaler
 
 
 class OptimizerStep:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from merge_helpers import ROOT, assert_same_model, merge
@@ -17,9 +18,7 @@ from merge_helpers import ROOT, assert_same_model, merge
 from sparse_sup.checkpoint import load_sharded
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("merge") / "run"
+def train_run(run: Path, *extra: str) -> Path:
     cmd = [
         sys.executable,
         "train.py",
@@ -28,6 +27,7 @@ def run_dir(tmp_path_factory):
         f"--experiment.output_dir={run}",
         "--data.max_eval_samples=128",
         "--schedule.epochs=4",
+        *extra,
     ]
     # the same threads as the merges (merge_helpers): a BN recalibration forward on another thread
     # count may round differently, and the merge at world size 1 is compared bit for bit
@@ -35,6 +35,11 @@ def run_dir(tmp_path_factory):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("merge") / "run")
 
 
 def test_merge_reproduces_the_runs_superposition(run_dir, tmp_path):
@@ -60,6 +65,19 @@ def test_merge_reproduces_the_runs_superposition(run_dir, tmp_path):
     masks = load_sharded(out / "sharded", {n: (0, params[n].numel()) for n in names})
     assert sum(int(m.sum()) for _, m in masks.values()) == math.floor(0.1 * total)
     assert sum(int((params[n] != 0).sum()) for n in names) <= math.floor(0.1 * total)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_merge_of_a_mixed_precision_run_reproduces_its_superposition(tmp_path, precision):
+    """The merge recalibrates and evaluates S_M at the run's precision, as the run did: before, it
+    did both in fp32, and the merge of a bf16 run reported 25.00% for the run's 25.78%."""
+    run = train_run(tmp_path / "run", f"--train.precision={precision}")
+    proc = merge(run, tmp_path / "merged")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_model(tmp_path / "merged" / "sharded", run / "final" / "sharded")  # BN statistics too
+    merged = json.loads((tmp_path / "merged" / "summary.json").read_text())["results"]["S_2 (merged)"]
+    want = json.loads((run / "summary.json").read_text())["results"]["S_2"]
+    assert (merged["accuracy"], merged["loss"]) == (want["accuracy"], want["loss"])
 
 
 def test_merge_variants_without_retraining(run_dir, tmp_path):

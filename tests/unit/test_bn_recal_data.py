@@ -126,3 +126,19 @@ def test_prepare_picks_the_recalibration_set(augment, tmp_path):
     assert prepared.train_set.train is True
     assert len(prepared.bn_set) == len(prepared.train_set)
     assert not (tmp_path / "run").exists()  # nothing written by prepare
+
+
+def test_workers_decode_the_same_batches(tmp_path):
+    """A dataset decoded per sample (here: 72 px images, the lazy path) is recalibrated from
+    ``data.num_workers`` DataLoader workers, with the batches the main process would draw."""
+    splits = load_split_datasets("bundled", cache_dir=str(tmp_path / "hf_cache"))
+    lazy = ImageClassificationDataset(splits.train.select(range(64)), train=True, seed=SEED, image_size=72)
+    assert not lazy.in_memory
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        args = (lazy, 16, None, SEED, RankOf(1, 0), CPU, torch.float32)
+        return list(recalibration_batches(*args, counter=1, num_workers=workers))
+
+    main_process, workers = batches(0), batches(2)
+    assert len(main_process) == 4 and all(x.shape == (16, 3, 72, 72) for x in main_process)
+    assert all(torch.equal(a, b) for a, b in zip(workers, main_process, strict=True))

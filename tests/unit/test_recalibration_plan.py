@@ -48,6 +48,8 @@ def test_each_pass_draws_its_own_order():
 class Indexed(torch.utils.data.Dataset):
     """Sample i is the number i: batches say which samples they hold."""
 
+    in_memory = True  # the CLI's in-memory dataset: ``make_loader`` serves it by ``get_batch``
+
     def __len__(self) -> int:
         return 40
 
