@@ -4,8 +4,8 @@ with the decoded training and test images kept on the GPU.
 Both runs are the real training loop (``sparse_sup.train.loop.Run``, as ``python train.py`` builds
 it) with the same config except ``tickets.num_cycles`` (0 = the base method for the whole budget,
 3 = Sup-tickets with the default job's ticket recipe from configs/debug-cpu.yaml, its cycles in
-10% of the budget). Before training, the in-memory uint8 image tensors of the training,
-BN-recalibration and test sets are moved to the GPU, so sampling, crop + flip and normalisation run
+10% of the budget). With ``data.on_device=true`` the in-memory uint8 images of the training,
+BN-recalibration and test sets live on the GPU, so sampling, crop + flip and normalisation run
 there and no batch crosses PCIe. Prints each run's result table, its wall time and optimizer steps
 per second.
 
@@ -31,14 +31,6 @@ sys.path.insert(0, str(ROOT))
 from sparse_sup.config import load_config  # noqa: E402
 
 
-def keep_on_device(run, device: torch.device) -> None:
-    """Move the decoded images (and labels) of every in-memory split to ``device``."""
-    for dataset in {id(d): d for d in (run.p.train_set, run.p.bn_set, run.p.eval_set)}.values():
-        if dataset.images is None:
-            raise ValueError("data kept on the GPU needs in-memory images (data.style=cifar, <= 64 px)")
-        dataset.images = dataset.images.to(device)
-
-
 def train_once(overrides: list[str], out: Path, device: torch.device, precision: str) -> tuple[dict, float]:
     from accelerate import Accelerator
 
@@ -51,7 +43,6 @@ def train_once(overrides: list[str], out: Path, device: torch.device, precision:
     )
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     run = Run(prepare(config), accelerator)
-    keep_on_device(run, accelerator.device)
     run.start()
     t0 = time.perf_counter()
     summary = run.train()
@@ -89,6 +80,7 @@ def main() -> None:
         "--train.progress_bar=false",
         "--train.log_every=100",
         "--experiment.overwrite=true",
+        "--data.on_device=true",
     ]
     precision = "bf16" if cuda else "no"
     if args.smoke:

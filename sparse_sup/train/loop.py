@@ -18,7 +18,7 @@ from .checkpointing import ModuleBuffers, RngState, RunCheckpointer
 from .ema import build_ema
 from .logs import LossWindow, MetricsWriter, setup_logging, truncate_metrics
 from .recording import LoopHooks, Recorder
-from .setup import Prepared
+from .setup import Prepared, place_data
 from .step import HostSteps, OptimizerStep, build_step_backend
 from .tracking import MaskHistory, layer_densities, schedule_record
 from .wrap import wrap_model
@@ -52,6 +52,7 @@ class Run:
         self.backend, autocast, scaler = build_step_backend(self.p, acc, self.model, optimizer)
         self.module = self.backend.module
         self.device = next(self.module.parameters()).device
+        place_data(self.p, self.device)
         self.optimizer_step = OptimizerStep(self.backend, self.p.train_input, autocast, self.device, c.train)
         log.info("parallelism: %s over %d process(es)", self.backend.kind, acc.num_processes)
         self.recorder = Recorder(self.p, self.backend, self.metrics, acc.num_processes)

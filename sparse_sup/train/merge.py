@@ -25,8 +25,8 @@ from ..checkpoint.tickets import load_model_checkpoint, save_model_checkpoint
 from ..config import Config, ConfigError
 from ..progress import progress
 from ..tickets import SuperpositionChain
-from .model_ops import evaluate_model, recalibrate_model_bn
-from .setup import Prepared
+from .model_ops import evaluate_model, model_device, recalibrate_model_bn
+from .setup import Prepared, place_data
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class Merge:
             fsdp2_shard_model(model)
         self.backend = build_backend(model, None, self.p.target_names)
         self.targets = self.backend.targets()
+        place_data(self.p, model_device(self.backend))
 
     def superpose(self) -> dict[str, torch.Tensor]:
         """S over the sources, re-pruned as the run's (or the overridden) tickets config says."""

@@ -33,6 +33,8 @@ FREE_KEYS = {
     ("train", "log_every"),
     ("train", "report_to"),
     ("data", "num_workers"),
+    ("data", "pin_memory"),
+    ("data", "on_device"),
     ("checkpoint", "every_steps"),
     ("checkpoint", "keep_last"),
 }

@@ -173,3 +173,16 @@ def prepare(config: Config, resume: str | None = None) -> Prepared:
         resume_from=resume_from,
         train_input=train_input,
     )
+
+
+def place_data(prepared: Prepared, device: torch.device) -> None:
+    """``data.on_device``: move the decoded images of every split to the model's ``device``, once."""
+    if not prepared.config.data.on_device:
+        return
+    memo: dict = {}  # bn_set may share the training images: one copy on the device
+    for dataset in (prepared.train_set, prepared.eval_set, prepared.bn_set):
+        dataset.to(device, memo)
+    if device.type != "cpu":
+        log.info(
+            "data.on_device: %.0f MB of images on %s", sum(t.nbytes for t in memo.values()) / 2**20, device
+        )

@@ -182,3 +182,26 @@ def test_fsdp2_bf16_batchnorm_units(tmp_path, model):
     assert "BatchNorm units (float32)" in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["parallelism"] == "fsdp2" and summary["steps_completed"] == 24
+
+
+@pytest.mark.gpu
+def test_data_on_device_serves_the_host_paths_batches(tmp_path):
+    """``data.on_device``: the images live on the GPU and every batch is gathered there; the batches
+    (training: crop, flip, normalisation; evaluation; BN recalibration) equal the host path's."""
+    from sparse_sup.config import load_config
+    from sparse_sup.train.setup import place_data, prepare
+
+    device = torch.device("cuda")
+    keys = [[(1, i) for i in range(k, 512, 7)][:32] for k in range(3)]
+    batches = {}
+    for on_device in (False, True):
+        overrides = [f"--experiment.output_dir={tmp_path}/{on_device}", f"--data.on_device={on_device}"]
+        prepared = prepare(load_config("configs/tiny-test.yaml", overrides))
+        place_data(prepared, device)
+        assert prepared.train_set.images.device.type == ("cuda" if on_device else "cpu")
+        train = [
+            prepared.train_input.to_device(b, device, None, 0) for b in prepared.train_input.loader(keys)
+        ]
+        other = [s.get_batch(keys[0]) for s in (prepared.eval_set, prepared.bn_set)]
+        batches[on_device] = [t.to(device) for pair in train + other for t in pair]
+    assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True], strict=True))

@@ -134,3 +134,19 @@ def test_run_checkpoint_resumes_at_another_world_size(tmp_path, engine, resume_w
     assert max_difference(got, want) < 1e-5
     accuracies = {label: r["accuracy"] for label, r in got["summary"]["results"].items()}
     assert accuracies == {label: r["accuracy"] for label, r in want["summary"]["results"].items()}
+
+
+def test_data_on_device_and_pin_memory_change_nothing(tmp_path):
+    """``data.on_device`` (the images kept, gathered and cropped on the model's device) and
+    ``data.pin_memory`` change no result and may change at a resume: a whole run with both on equals
+    one stopped at step 20 and resumed with both off, tickets, recalibration and S_M included. On
+    this CPU the model's device is the host: the copy to a GPU is checked by tests/gpu."""
+    reference = tmp_path / "reference"
+    log = run_ok(reference, "--data.on_device=true")
+    assert "S_2" in json.loads((reference / "summary.json").read_text())["results"], log[-2000:]
+    run_dir = tmp_path / "run"
+    run_ok(run_dir, "--train.max_steps=20", "--checkpoint.every_steps=20", "--data.on_device=true")
+    run_ok(run_dir, "--resume", "auto", "--data.on_device=false", "--data.pin_memory=false")
+    got, want = final_state(run_dir), final_state(reference)
+    assert differing(got, want) == []
+    assert got["summary"]["results"] == want["summary"]["results"]

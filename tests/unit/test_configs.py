@@ -196,3 +196,23 @@ def test_presets_by_name():
     assert load_config("tiny-test") == load_config(CONFIGS[0].parent / "tiny-test.yaml")
     with pytest.raises(ConfigError, match="did you mean 'debug-cpu'"):
         load_config("debug-cpo")
+
+
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("--data.style=imagenet", "data.style='imagenet'"),
+        ("--data.image_size=72", "data.image_size=72"),
+        ("--data.streaming=true", "data.streaming=true"),
+        ("--data.auto_augment=rand-m9-mstd0.5", "data.auto_augment='rand-m9-mstd0.5'"),
+        ("--data.color_jitter=0.4", "data.color_jitter=0.4"),
+    ],
+)
+def test_data_on_device_is_refused_where_images_are_decoded_per_sample(override, reason):
+    """``data.on_device`` gathers from images decoded up front; a lazy or PIL path is named, with the fix."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["--data.on_device=true", override])
+    message = str(info.value)
+    assert message.startswith("data.on_device=True is invalid") and reason in message
+    assert "set data.on_device=false" in message
+    assert load_config(None, ["--data.on_device=true"]).data.on_device  # the in-memory default: accepted
