@@ -110,15 +110,24 @@ class Baton:
             self.cond.notify_all()
 
 
-def step_hook(baton: Baton, name: str, steps: int) -> Callable[[], None]:
-    """Called at the start of every step of a loop: closes a window every ``steps`` steps."""
+def step_hook(
+    baton: Baton, name: str, steps: int, sync: Callable[[], None] | None = None
+) -> Callable[[], None]:
+    """Called at the start of every step of a loop: closes a window every ``steps`` steps. ``sync``
+    (``torch.cuda.synchronize`` on a GPU) waits for the device before a window closes and before one
+    starts: kernels run asynchronously, and a loop's queued work would otherwise be timed in the
+    window of the loop that runs next."""
     state = {"n": 0, "start": 0.0, "cpu": 0.0}
 
     def hook() -> None:
         if state["n"] % steps == 0:
+            if sync:
+                sync()
             if state["n"]:
                 baton.done(name, time.perf_counter() - state["start"], time.thread_time() - state["cpu"])
             baton.wait(name)
+            if sync:
+                sync()
             state["start"], state["cpu"] = time.perf_counter(), time.thread_time()
         state["n"] += 1
 
@@ -186,11 +195,16 @@ class PlainLoop:
 # ----------------------------------------------------------------------------- sparse_sup
 
 
-def sparse_sup_run(model: str, density: float, batch: int, out: Path, extra: list[str]):
-    """A started ``Run`` of the real training loop (what ``python train.py`` builds)."""
+def sparse_sup_run(
+    model: str | list[str], density: float, batch: int, out: Path, extra: list[str], gpu: bool = False
+):
+    """A started ``Run`` of the real training loop (what ``python train.py`` builds). ``model``: a key
+    of ``MODELS`` or the model's config overrides. ``gpu``: the Accelerator ``python train.py`` makes
+    (its device, ``train.precision``); else one CPU process, whatever the machine has."""
     from accelerate import Accelerator
 
     from sparse_sup.train.loop import Run
+    from sparse_sup.train.run import make_accelerator
     from sparse_sup.train.setup import prepare
 
     try:
@@ -202,7 +216,7 @@ def sparse_sup_run(model: str, density: float, batch: int, out: Path, extra: lis
     config = load_config(
         str(ROOT / "configs" / "debug-cpu.yaml"),
         [
-            *MODELS[model],
+            *(MODELS[model] if isinstance(model, str) else model),
             f"--sparse.density={density}",
             "--sparse.method=rigl",
             "--sparse.update_interval=1000000",  # no topology update while timing (topology_cost.py)
@@ -215,7 +229,7 @@ def sparse_sup_run(model: str, density: float, batch: int, out: Path, extra: lis
             *extra,
         ],
     )
-    run_ = Run(prepare(config), Accelerator(cpu=True))
+    run_ = Run(prepare(config), make_accelerator(config) if gpu else Accelerator(cpu=True))
     run_.start()
     return run_
 
@@ -232,6 +246,11 @@ def hook_run(run_, hook: Callable[[], None]) -> None:
     setattr(run_, name, hooked)
 
 
+def train_hooked(run_) -> Callable[[Callable[[], None]], None]:
+    """``run_.train`` as a loop that takes a step hook, like ``PlainLoop.train``."""
+    return lambda hook: (hook_run(run_, hook), run_.train())
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -241,6 +260,44 @@ def rotating_schedule(names: list[str], warmup: int, rounds: int) -> list[str]:
         k = r % len(names)
         schedule += names[k:] + names[:k]
     return schedule
+
+
+def time_loops(
+    loops: dict[str, Callable[[Callable[[], None]], None]],
+    warmup: int,
+    rounds: int,
+    steps: int,
+    threads: int | None = None,
+    sync: Callable[[], None] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and thread-CPU seconds per step of each loop (``loop(hook)`` trains until its hook
+    raises ``Stop``): each runs in a thread of its own, one window at a time (module docstring).
+    ``threads``: torch threads of each loop's thread; ``sync``: see ``step_hook``."""
+    names = list(loops)
+    baton = Baton(rotating_schedule(names, warmup, rounds))
+
+    def target(name: str) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            loops[name](step_hook(baton, name, steps, sync))
+        except Stop:
+            pass
+        except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
+            baton.fail(e)
+
+    workers = [threading.Thread(target=target, args=(n,), daemon=True) for n in names]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if baton.errors:
+        raise baton.errors[0]
+
+    def per_step(times: dict[str, list[float]]) -> dict[str, float]:
+        return {n: statistics.median(ts[warmup:]) / steps for n, ts in times.items()}
+
+    return per_step(baton.times), per_step(baton.cpu)
 
 
 def measure(model: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
@@ -259,31 +316,8 @@ def measure(model: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[s
     }
     plain = PlainLoop(model_args, train_set.images, train_set.labels, args.batch)
     names = list(VARIANTS)
-    baton = Baton(rotating_schedule(names, args.warmup, args.rounds))
-
-    def target(name: str) -> None:
-        torch.set_num_threads(args.threads)
-        hook = step_hook(baton, name, args.steps)
-        try:
-            if name == "plain":
-                plain.train(hook)
-            else:
-                hook_run(runs[name], hook)
-                runs[name].train()
-        except Stop:
-            pass
-        except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
-            baton.fail(e)
-
-    threads = [threading.Thread(target=target, args=(n,), daemon=True) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if baton.errors:
-        raise baton.errors[0]
-    step = {n: statistics.median(ts[args.warmup :]) / args.steps for n, ts in baton.times.items()}
-    cpu = {n: statistics.median(ts[args.warmup :]) / args.steps for n, ts in baton.cpu.items()}
+    loops = {"plain": plain.train, **{n: train_hooked(r) for n, r in runs.items()}}
+    step, cpu = time_loops(loops, args.warmup, args.rounds, args.steps, args.threads)
 
     evals: dict[str, list[float]] = {n: [] for n in names}
     evals_cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -364,7 +398,7 @@ def profile(model: str, args: argparse.Namespace, tmp: Path) -> None:
         args.batch,
     )
     n = args.steps * args.rounds
-    for name, start in (("ss_sparse", lambda h: (hook_run(run_, h), run_.train())), ("plain", plain.train)):
+    for name, start in (("ss_sparse", train_hooked(run_)), ("plain", plain.train)):
         count = {"n": 0}
 
         def hook(count=count):

@@ -92,6 +92,15 @@ def test_gpu_throughput_smoke_on_cpu():
         assert_printed_ratio(row[6], row[5], row[3])
 
 
+def test_gpu_throughput_loop_smoke_on_cpu():
+    out = run_script("bench/gpu_throughput.py", "--loop", "--smoke")
+    rows = table_rows(out, "test_resnet") + table_rows(out, "test_vit")
+    assert len(rows) == 2, out
+    for row in rows:
+        assert_printed_ratio(row[6], row[5], row[3])  # sparse_sup dense / plain loop
+        assert_printed_ratio(row[8], row[7], row[3])  # sparse_sup sparse / plain loop
+
+
 def test_gpu_cifar_smoke_on_cpu(tmp_path):  # ~20 s; marked slow before, it let an import break
     out = run_script("bench/gpu_cifar.py", "--smoke", "--out", str(tmp_path))
     assert "| RigL (base, whole budget) |" in out and "| RigL + Sup-tickets |" in out, out
