@@ -15,6 +15,10 @@ RandomResizedCrop + flip + RandAugment ``rand-m9-mstd0.5-inc1`` at ``--size`` px
 Also the CIFAR-size path (``--cifar``): the in-memory gather (pad crop + flip on the device) against
 the same dataset served per sample by DataLoader workers.
 
+And BN recalibration's batches (``--recal``): the same JPEG folder through the training transform
+(no mixup), one pass of ``recalibration_batches`` decoded in the main process (``data.num_workers=0``,
+the only way before issue 19) against ``--workers`` DataLoader workers.
+
 Images/s over ``--batches`` batches after ``--warmup``; the pipelines of a row alternate over
 ``--rounds`` rounds (rotating order) and the median is shown, so load from other processes on a shared
 machine hits both alike. "per worker" divides by the worker count. A markdown table goes to stdout.
@@ -184,6 +188,30 @@ def cifar(batch: int, workers: int, device, args) -> list:
     ]
 
 
+def recal(folder: Path, size: int, batch: int, workers: int, device, args):
+    """One BN recalibration pass over the JPEG folder (style imagenet, RandAugment + erasing), its
+    batches decoded by ``workers`` DataLoader workers (0: the main process); a new pass per timing."""
+    from sparse_sup.core.collectives import LOCAL
+    from sparse_sup.data import ImageClassificationDataset, load_split_datasets
+    from sparse_sup.train.evaluate import recalibration_batches
+
+    splits = load_split_datasets(str(folder))
+    ds = ImageClassificationDataset(
+        splits.train, train=True, style="imagenet", image_size=size, auto_augment=AA, re_prob=RE, seed=0
+    )
+    counters = iter(range(10**6))
+
+    def consume(x):
+        _sync(device, x)
+        return len(x)
+
+    def make():
+        args_ = (ds, batch, None, 0, LOCAL, device, torch.float32)
+        return recalibration_batches(*args_, counter=next(counters), num_workers=workers), consume
+
+    return make
+
+
 def interleaved(makers: list, args, batches: int) -> list[float]:
     """Median images/s of each pipeline over ``--rounds`` rounds that time every pipeline once, in
     rotating order, so load from other processes on a shared machine hits all of them alike. Each
@@ -293,6 +321,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224, help="training crop")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cifar", action="store_true", help="also time the CIFAR in-memory path")
+    p.add_argument("--recal", action="store_true", help="also time BN recalibration's batches")
     p.add_argument("--smoke", action="store_true", help="seconds-long run of every part (tests)")
     args = p.parse_args()
     if args.smoke:
@@ -313,6 +342,12 @@ def main() -> None:
         for w in args.workers if args.cifar else []:
             pipes = cifar(args.batch * 4, w, device, args)
             cifar_rows.append((w, *interleaved(pipes, args, args.batches * 4)))
+        recal_rows, recal_batches = [], args.images // args.batch - args.warmup  # one pass each
+        if args.recal and recal_batches < 1:
+            p.error(f"--recal: --images {args.images} hold {args.images // args.batch} batches, <= --warmup")
+        for w in args.workers if args.recal else []:
+            pipes = [recal(folder, args.size, args.batch, n, device, args) for n in (0, w)]
+            recal_rows.append((w, *interleaved(pipes, args, recal_batches)))
     host = f"{os.cpu_count()} CPUs"
     print(
         f"\n{datetime.date.today()}, device {device}, {host}, torch {torch.__version__}, batch {args.batch}, "
@@ -334,6 +369,12 @@ def main() -> None:
         print("|---|---|---|---|")
         for w, a, b in cifar_rows:
             print(f"| {w} | {a:.0f} | {b:.0f} | {a / b:.1f} |")
+    if recal_rows:
+        print(f"\nBN recalibration batches, {args.size}px, batch {args.batch}, {recal_batches} per pass:\n")
+        print("| workers | main process img/s | DataLoader workers img/s | workers / main process |")
+        print("|---|---|---|---|")
+        for w, a, b in recal_rows:
+            print(f"| {w} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
 
 
 if __name__ == "__main__":

@@ -204,13 +204,15 @@ def test_resnet32_cifar_is_the_benchmark_model():
 
 
 def test_input_pipeline_smoke():
-    """bench/input_pipeline.py: both pipelines timed, CPU cost and wall-clock tables printed."""
-    out = run_script("bench/input_pipeline.py", "--smoke")
+    """bench/input_pipeline.py: both pipelines timed, CPU cost, wall-clock and (``--recal``) BN
+    recalibration tables printed."""
+    out = run_script("bench/input_pipeline.py", "--smoke", "--recal")
     cost = {r[0]: r for r in table_rows(out, "sparse_sup") + table_rows(out, "timm create_loader")}
     assert set(cost) == {"sparse_sup", "timm create_loader"}
     assert all(positive(c) for r in cost.values() for c in r[1:])
-    (row,) = table_rows(out, "1")[:1]
-    assert_printed_ratio(row[5], row[1], row[3])
+    wall, recal = table_rows(out, "1")  # 1 worker: the loaders' row, then recalibration's
+    assert_printed_ratio(wall[5], wall[1], wall[3])
+    assert_printed_ratio(recal[3], recal[2], recal[1])
 
 
 # A preset's ticket section, as different as the schema allows from every real one: a study schedule
