@@ -30,21 +30,17 @@ def evaluate(
     sampler = EvalShardSampler(len(dataset), batch_size, world, rank)
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # correct, summed loss, count
+    # correct, summed loss, count: summed on the device, read once at the end (no sync per batch)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     dtype = next(model.parameters()).dtype
     last = None
     batches = make_loader(dataset, sampler, num_workers)
     for images, labels in progress(batches, total=len(sampler), desc="evaluate", unit="batch"):
         images, labels = images.to(device, dtype), labels.to(device)
         logits = model(images).float()
-        totals += torch.tensor(
-            [
-                (logits.argmax(1) == labels).sum().item(),
-                F.cross_entropy(logits, labels, reduction="sum").item(),
-                labels.numel(),
-            ],
-            dtype=torch.float64,
-        )
+        totals[0] += (logits.argmax(1) == labels).sum()
+        totals[1] += F.cross_entropy(logits, labels, reduction="sum").double()
+        totals[2] += labels.numel()
         last = images
     if lockstep:
         most = max(len(EvalShardSampler(len(dataset), batch_size, world, r)) for r in range(world))
