@@ -364,17 +364,20 @@ def main() -> None:
     for w, a, b in rows:
         print(f"| {w} | {a:.0f} | {a / w:.0f} | {b:.0f} | {b / w:.0f} | {a / b:.2f} |")
     if cifar_rows:
-        print(f"\nCIFAR-10 32px, pad crop + flip, batch {args.batch * 4}:\n")
-        print("| workers | in-memory gather img/s (main process) | DataLoader workers img/s | ratio |")
-        print("|---|---|---|---|")
-        for w, a, b in cifar_rows:
-            print(f"| {w} | {a:.0f} | {b:.0f} | {a / b:.1f} |")
+        title = f"CIFAR-10 32px, pad crop + flip, batch {args.batch * 4}"
+        columns = ("in-memory gather img/s (main process)", "DataLoader workers img/s", "ratio")
+        paired_table(title, columns, [(w, a, b, a / b) for w, a, b in cifar_rows])
     if recal_rows:
-        print(f"\nBN recalibration batches, {args.size}px, batch {args.batch}, {recal_batches} per pass:\n")
-        print("| workers | main process img/s | DataLoader workers img/s | workers / main process |")
-        print("|---|---|---|---|")
-        for w, a, b in recal_rows:
-            print(f"| {w} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+        title = f"BN recalibration batches, {args.size}px, batch {args.batch}, {recal_batches} per pass"
+        columns = ("main process img/s", "DataLoader workers img/s", "workers / main process")
+        paired_table(title, columns, [(w, a, b, b / a) for w, a, b in recal_rows])
+
+
+def paired_table(title: str, columns: tuple[str, str, str], rows: list[tuple]) -> None:
+    """Rows of (workers, img/s, img/s, ratio) under ``title``."""
+    print(f"\n{title}:\n\n| workers | {' | '.join(columns)} |\n|---|---|---|---|")
+    for w, a, b, ratio in rows:
+        print(f"| {w} | {a:.0f} | {b:.0f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
