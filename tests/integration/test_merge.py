@@ -67,7 +67,10 @@ def test_merge_reproduces_the_runs_superposition(run_dir, tmp_path):
     assert sum(int((params[n] != 0).sum()) for n in names) <= math.floor(0.1 * total)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "precision",
+    ["bf16", pytest.param("fp16", marks=pytest.mark.slow)],  # bf16: the defect; fp16 alike
+)
 def test_merge_of_a_mixed_precision_run_reproduces_its_superposition(tmp_path, precision):
     """The merge recalibrates and evaluates S_M at the run's precision, as the run did: before, it
     did both in fp32, and the merge of a bf16 run reported 25.00% for the run's 25.78%."""
