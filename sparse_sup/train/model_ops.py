@@ -16,19 +16,21 @@ def model_device(backend) -> torch.device:
     return next(backend.module.parameters()).device
 
 
-def evaluate_model(backend, prepared: Prepared) -> dict[str, float]:
-    """Accuracy and loss over the eval split, each example counted once (collective)."""
-    d = prepared.config.data
-    sync_buffers(backend.module, backend.data_parallel)  # BN buffers equal on all ranks first
+def evaluate_model(backend, prepared: Prepared, module: torch.nn.Module | None = None) -> dict[str, float]:
+    """Accuracy and loss over the eval split, each example counted once (collective), of the
+    backend's model or of ``module``, a whole replicated one evaluated alike (the EMA)."""
+    d, own = prepared.config.data, module is None
+    module = backend.module if own else module
+    sync_buffers(module, backend.data_parallel)  # BN buffers equal on all ranks first
     with forward_autocast(prepared.config.train.precision, backend)():
         return evaluate(
-            backend.module,
+            module,
             prepared.eval_set,
             d.eval_batch_size,
             backend.data_parallel,
-            model_device(backend),
+            next(module.parameters()).device,
             d.num_workers,
-            lockstep=backend.lockstep,
+            lockstep=backend.lockstep and own,  # a sharded model's forwards are collective
         )
 
 

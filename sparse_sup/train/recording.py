@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import logging
 
-from ..backends.buffers import sync_buffers
 from ..checkpoint import export_safetensors
 from ..checkpoint.tickets import save_model_checkpoint
 from ..engine import EngineHooks, SupTicketsEngine
 from ..results import final_label, run_summary
-from .evaluate import evaluate
 from .model_ops import evaluate_model, recalibrate_model_bn
 from .setup import Prepared
-from .step import forward_autocast
 from .tracking import MaskHistory, layer_densities, topology_record
 
 log = logging.getLogger(__name__)
@@ -75,13 +72,7 @@ class Recorder:
 
     def record_ema(self, label: str, engine: SupTicketsEngine) -> None:
         """Evaluate the EMA beside the live model's ``label``: ``<label>_ema`` (``train.ema``)."""
-        module, d = self.ema.module, self.config.data
-        sync_buffers(module, self.backend.data_parallel)  # BN buffers equal on all ranks first
-        device = next(module.parameters()).device
-        with forward_autocast(self.config.train.precision, self.backend)():
-            result = evaluate(
-                module, self.p.eval_set, d.eval_batch_size, self.backend.data_parallel, device, d.num_workers
-            )
+        result = evaluate_model(self.backend, self.p, module=self.ema.module)
         result.update(step=engine.step, density=engine.masks.density(engine.targets))
         self.results[f"{label}_ema"] = result
         self.metrics.write(event="eval", label=f"{label}_ema", **result)
